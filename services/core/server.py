@@ -1,0 +1,203 @@
+"""The one server bootstrap every service uses.
+
+`serve()` hosts one or more services in a grpc.aio server with the shared interceptors, the gRPC health service
+(status per service name, driven by each service's readiness probe), server reflection, message size limits and
+keepalive. SIGTERM or SIGINT: report NOT_SERVING, stop accepting calls, let in-flight calls finish within the
+grace period, close the services' resources, return (exit code 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.core import interceptors, registry
+from services.core.auth import AuthInterceptor
+from services.core.clients import ChannelPool
+from services.core.errors import Reason, ServiceError
+from services.core.logs import configure_logging
+from services.core.metrics import serve_metrics
+from services.core.settings import CoreSettings
+from voiceassist.audit.v1 import audit_pb2
+from voiceassist.auth.v1 import auth_pb2
+from voiceassist.rag.v1 import rag_pb2
+from voiceassist.search.v1 import search_pb2
+from voiceassist.voice.v1 import voice_pb2
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+PROBE_INTERVAL_SECONDS = 5.0
+
+# Importing the generated modules registers every mesh service in the default descriptor pool, which server
+# reflection answers from.
+_MESH_FILES = (auth_pb2, audit_pb2, search_pb2, rag_pb2, voice_pb2)
+
+
+class Runtime:
+    """What a service gets from the process that hosts it: settings, and channels to the other services."""
+
+    def __init__(self, settings: CoreSettings, hosted: Iterable[str], self_address: str) -> None:
+        self.settings = settings
+        self.hosted = frozenset(hosted)
+        self.self_address = self_address
+        self.channels = ChannelPool(self.address)
+
+    def address(self, service: str) -> str:
+        """Where to call `service`: this process when it hosts it, else its configured address."""
+        return self.self_address if service in self.hosted else registry.address(service, self.settings)
+
+    async def close(self) -> None:
+        """Close outgoing channels."""
+        await self.channels.close()
+
+
+@dataclass
+class Hosted:
+    """A service ready to be added to a server: built by the service's own `build(runtime)`."""
+
+    spec: registry.ServiceSpec
+    register: Callable[[grpc.aio.Server], None]
+    # Raises (or returns False) while the service cannot serve, e.g. its database is unreachable.
+    probe: Callable[[], Awaitable[bool]] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+ServiceFactory = Callable[[Runtime], Awaitable[Hosted]]
+
+
+class MeshHealthServicer(HealthServicer):
+    """The library health servicer, plus: a Check for a mesh service hosted elsewhere is asked of its owner.
+
+    Through Envoy every health check lands on one upstream; forwarding makes `Health/Check` with any registry
+    service name answer that service's real status.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self._runtime = runtime
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        owner = registry.BY_GRPC_SERVICE.get(request.service)
+        if owner is None or owner.name in self._runtime.hosted:
+            return await super().Check(request, context)
+        stub = health_pb2_grpc.HealthStub(self._runtime.channels.get(owner.name))
+        try:
+            return await stub.Check(request, timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return health_pb2.HealthCheckResponse(status=NOT_SERVING)
+            raise ServiceError(Reason.BACKEND_UNAVAILABLE, f"health of {owner.name}: {exc.code().name}") from None
+
+
+def server_options(settings: CoreSettings) -> list[tuple[str, int]]:
+    """Channel arguments for every server: size limits, keepalive, no silent port sharing."""
+    return [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", settings.grpc_keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # grpc.aio sets SO_REUSEPORT by default, so a second server on a taken port would start silently.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _domain_of(method: str) -> str:
+    service = method.split("/")[1] if method.count("/") >= 2 else ""
+    spec = registry.BY_GRPC_SERVICE.get(service)
+    return f"{spec.name}.voiceassist" if spec else "voiceassist"
+
+
+def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Server, MeshHealthServicer]:
+    """A configured (not started) server hosting `hosted`, with health and reflection."""
+    server = grpc.aio.server(
+        interceptors=[
+            interceptors.RequestContextInterceptor(),
+            interceptors.TelemetryInterceptor(),
+            interceptors.ErrorInterceptor(_domain_of),
+            AuthInterceptor(runtime),
+        ],
+        options=server_options(runtime.settings),
+    )
+    for service in hosted:
+        service.register(server)
+    health = MeshHealthServicer(runtime)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Reflection describes the whole mesh API, as seen through Envoy; calls are answered by each owner.
+    names = [s.grpc_service for s in registry.SERVICES]
+    reflection.enable_server_reflection([*names, registry.HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    return server, health
+
+
+async def _probe_forever(health: MeshHealthServicer, hosted: list[Hosted]) -> None:
+    """Keep each service's health status in step with its probe."""
+    while True:
+        statuses = []
+        for service in hosted:
+            ok = True
+            if service.probe is not None:
+                try:
+                    ok = bool(await service.probe())
+                except Exception as exc:  # noqa: BLE001 - any failure means not serving
+                    log.warning("probe failed", extra={"service": service.spec.name, "error": repr(exc)})
+                    ok = False
+            await health.set(service.spec.grpc_service, SERVING if ok else NOT_SERVING)
+            statuses.append(ok)
+        await health.set("", SERVING if all(statuses) else NOT_SERVING)
+        await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+
+
+async def serve(
+    factories: dict[str, ServiceFactory],
+    *,
+    settings: CoreSettings,
+    port: int,
+    metrics_port: int | None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Host the given services until SIGTERM/SIGINT, then shut down gracefully."""
+    configure_logging(settings.log_level, service="+".join(factories))
+    address = f"{settings.grpc_host}:{port}"
+    runtime = Runtime(settings, factories, address)
+    hosted = [await factory(runtime) for factory in factories.values()]
+    server, health = build_server(runtime, hosted)
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    await server.start()
+    prober = asyncio.create_task(_probe_forever(health, hosted))
+    if metrics_port is not None and settings.metrics_enabled:
+        serve_metrics(settings.metrics_host, metrics_port)
+    log.info("serving", extra={"address": address, "services": sorted(factories)})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    prober.cancel()
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    for service in hosted:
+        if service.close is not None:
+            with contextlib.suppress(Exception):
+                await service.close()
+    await runtime.close()
+    log.info("stopped")

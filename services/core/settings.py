@@ -1,0 +1,77 @@
+"""Settings shared by every server, read from environment variables (and a `.env` file when present).
+
+Each service adds its own settings class next to its code (`services/<name>/settings.py`) on top of
+`ServiceSettings`; `.env.example` lists every variable and a test keeps it complete.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceSettings(BaseSettings):
+    """Base class: reads the environment and `.env`, ignores unknown variables, freezes after loading."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+
+class CoreSettings(ServiceSettings):
+    """What the server runtime needs, whatever service it hosts."""
+
+    environment: Literal["development", "test", "production"] = Field(
+        "development", description="Where this runs; production refuses embedded defaults that are unsafe."
+    )
+    log_level: str = Field("INFO", description="Root log level.")
+    data_dir: Path = Field(ROOT / "data", description="Embedded mode: SQLite files, keys, the local index.")
+
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test. Each service uses its "
+        "own schema in it. Empty: one SQLite file per service under data_dir (embedded mode).",
+    )
+    redis_url: str = Field(
+        "", description="e.g. redis://127.0.0.1:6379/0. Empty: in-process stores and queues (embedded mode)."
+    )
+    qdrant_url: str = Field("", description="Qdrant server URL. Empty: the embedded Qdrant engine under data_dir.")
+
+    grpc_host: str = Field("127.0.0.1", description="Interface the gRPC servers bind to.")
+    grpc_max_message_bytes: int = Field(
+        8 * 1024 * 1024, description="Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED."
+    )
+    grpc_keepalive_seconds: int = Field(30, description="Server keepalive ping interval.")
+    grpc_max_concurrent_streams: int = Field(256, description="HTTP/2 streams per connection.")
+    shutdown_grace_seconds: float = Field(
+        20.0, description="On SIGTERM/SIGINT: how long in-flight calls may take to finish before they are cancelled."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on the service's metrics port.")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds to.")
+
+    auth_addr: str = Field("", description="host:port of the auth service; empty: from the service registry.")
+    audit_addr: str = Field("", description="host:port of the audit service; empty: from the service registry.")
+    search_addr: str = Field("", description="host:port of the search service; empty: from the service registry.")
+    rag_addr: str = Field("", description="host:port of the rag service; empty: from the service registry.")
+    voice_addr: str = Field("", description="host:port of the voice service; empty: from the service registry.")
+
+    envoy_port: int = Field(8080, description="Envoy's listener (JSON, gRPC, gRPC-Web).")
+    envoy_admin_port: int = Field(9901, description="Envoy's admin interface, bound to 127.0.0.1 only.")
+    cors_allowed_origins: str = Field(
+        "http://localhost:3000,http://127.0.0.1:3000",
+        description="Comma-separated browser origins allowed by Envoy's CORS filter.",
+    )
+
+    def address_of(self, service: str, default: str) -> str:
+        """The configured address of a service, or `default` (from the registry) when none is set."""
+        return getattr(self, f"{service}_addr") or default
+
+
+@lru_cache
+def core_settings() -> CoreSettings:
+    """The process-wide core settings (read once)."""
+    return CoreSettings()
