@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -13,6 +14,8 @@ from services import envoy_config, launcher
 from services.audit import server as audit_server
 from services.auth import server as auth_server
 from services.core import registry
+from services.core.errors import ServiceError
+from services.core.runtime import Runtime
 from services.core.server import ServiceFactory, serve
 from services.core.settings import ROOT, core_settings
 from services.rag import server as rag_server
@@ -49,7 +52,9 @@ def serve_command(service: str, port: int | None, metrics_port: int | None, no_m
         spec = registry.spec(service)
         port = port or spec.port
         metrics_port = metrics_port or spec.metrics_port
-    asyncio.run(serve(factories, settings=core_settings(), port=port, metrics_port=None if no_metrics else metrics_port))
+    asyncio.run(
+        serve(factories, settings=core_settings(), port=port, metrics_port=None if no_metrics else metrics_port)
+    )
 
 
 @main.command("envoy-config")
@@ -84,11 +89,15 @@ def up_command(mesh: bool) -> None:
     try:
         if mesh:
             for spec in registry.SERVICES:
-                processes.append(launcher.start_server(spec.name, spec.port, spec.metrics_port, log_path=logs / f"{spec.name}.log"))
+                processes.append(
+                    launcher.start_server(spec.name, spec.port, spec.metrics_port, log_path=logs / f"{spec.name}.log")
+                )
             targets = [(f"127.0.0.1:{s.port}", s.grpc_service) for s in registry.SERVICES]
         else:
             processes.append(
-                launcher.start_server("all", registry.EMBEDDED_PORT, registry.EMBEDDED_METRICS_PORT, log_path=logs / "voiceassist.log")
+                launcher.start_server(
+                    "all", registry.EMBEDDED_PORT, registry.EMBEDDED_METRICS_PORT, log_path=logs / "voiceassist.log"
+                )
             )
             targets = [(f"127.0.0.1:{registry.EMBEDDED_PORT}", s.grpc_service) for s in registry.SERVICES]
         config = envoy_config.checked_in_path("mesh" if mesh else "embedded")
@@ -98,16 +107,47 @@ def up_command(mesh: bool) -> None:
         launcher.wait_envoy_ready(settings.envoy_admin_port)
         _print_urls(settings.envoy_port, logs)
         while all(p.poll() is None for p in processes):
-            try:
-                processes[0].wait(timeout=1)
-            except Exception:  # noqa: BLE001, S110 - timeout: keep waiting
-                pass
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         click.echo("stopping...")
         codes = launcher.stop_all(processes)
         click.echo(f"stopped (exit codes {codes})")
+
+
+@main.group()
+def users() -> None:
+    """Manage accounts directly in the auth database."""
+
+
+@users.command("create-admin")
+@click.argument("email")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="VOICEASSIST_ADMIN_PASSWORD",
+    help="Prompted when not given (or from VOICEASSIST_ADMIN_PASSWORD).",
+)
+@click.option("--full-name", default="", help="Display name.")
+def create_admin_command(email: str, password: str, full_name: str) -> None:
+    """Create the first admin, or promote an existing account to admin."""
+
+    async def run() -> str:
+        runtime = Runtime(core_settings(), hosted=(), self_address="")
+        accounts, _keys, db = await auth_server.build_accounts(runtime)
+        try:
+            return (await accounts.create_admin(email, password, full_name)).id
+        finally:
+            await db.close()
+            await runtime.close()
+
+    try:
+        click.echo(f"admin {email} ready (id {asyncio.run(run())})")
+    except ServiceError as exc:
+        raise click.ClickException(f"{exc.reason}: {exc.message}") from None
 
 
 def _print_urls(port: int, logs: Path) -> None:

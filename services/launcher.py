@@ -58,7 +58,7 @@ def wait_envoy_ready(admin_port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:
                 if reply.status == 200:
                     return
         except OSError:

@@ -57,9 +57,7 @@ class AuthInterceptor(AroundInterceptor):
         await self._authenticate(method, context)
         return await invoke()
 
-    async def around_stream(
-        self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke
-    ) -> AsyncIterator[Any]:
+    async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
         await self._authenticate(method, context)
         async for item in invoke():
             yield item

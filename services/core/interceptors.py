@@ -7,6 +7,7 @@ the access log and metrics see the final status and every log line carries the r
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 import time
 import uuid
@@ -71,9 +72,7 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
     async def around_unary(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> Any:
         return await invoke()
 
-    async def around_stream(
-        self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke
-    ) -> AsyncIterator[Any]:
+    async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
         async for item in invoke():
             yield item
 
@@ -85,18 +84,32 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 class RequestContextInterceptor(AroundInterceptor):
     """Sets the request context (request id, client address, user agent) and echoes x-request-id."""
 
+    def __init__(self, trusted_proxies: str) -> None:
+        self._trusted = [ipaddress.ip_network(n.strip()) for n in trusted_proxies.split(",") if n.strip()]
+
+    def client_ip(self, peer_ip: str, forwarded_for: str) -> str:
+        """The client's address: the x-forwarded-for entry Envoy appended (the last one) when the peer is a
+        trusted proxy, else the peer itself. Earlier entries are whatever the client claimed."""
+        if forwarded_for and self._is_trusted(peer_ip):
+            return forwarded_for.rsplit(",", 1)[-1].strip()
+        return peer_ip
+
+    def _is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
     async def _begin(self, method: str, context: grpc.aio.ServicerContext) -> None:
         md = _metadata(context)
         rid = md.get("x-request-id", "")[:128] or uuid.uuid4().hex
-        # Envoy appends the peer it saw to x-forwarded-for; the first hop is the original client.
-        forwarded = md.get("x-forwarded-for", "")
-        client_ip = forwarded.split(",")[0].strip() if forwarded else _peer_ip(context.peer())
         set_request(
             RequestInfo(
                 request_id=rid,
                 method=method,
-                client_ip=client_ip,
-                user_agent=md.get("x-voiceassist-user-agent") or md.get("user-agent", ""),
+                client_ip=self.client_ip(_peer_ip(context.peer()), md.get("x-forwarded-for", "")),
+                user_agent=md.get("user-agent", "")[:512],
             )
         )
         await context.send_initial_metadata((("x-request-id", rid),))
@@ -105,9 +118,7 @@ class RequestContextInterceptor(AroundInterceptor):
         await self._begin(method, context)
         return await invoke()
 
-    async def around_stream(
-        self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke
-    ) -> AsyncIterator[Any]:
+    async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
         await self._begin(method, context)
         async for item in invoke():
             yield item
@@ -161,9 +172,7 @@ class TelemetryInterceptor(AroundInterceptor):
             gauge.dec()
             self._finish(method, context, started, error)
 
-    async def around_stream(
-        self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke
-    ) -> AsyncIterator[Any]:
+    async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
         started = time.perf_counter()
         gauge = metrics.RPC_IN_FLIGHT.labels(metrics.split_method(method)[0])
         gauge.inc()
@@ -229,16 +238,14 @@ class ErrorInterceptor(AroundInterceptor):
             return await invoke()
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place that catches everything
+        except Exception as exc:
             await self._fail(method, context, exc)
 
-    async def around_stream(
-        self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke
-    ) -> AsyncIterator[Any]:
+    async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
         try:
             async for item in invoke():
                 yield item
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await self._fail(method, context, exc)

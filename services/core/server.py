@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,10 +22,10 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import interceptors, registry
 from services.core.auth import AuthInterceptor
-from services.core.clients import ChannelPool
 from services.core.errors import Reason, ServiceError
 from services.core.logs import configure_logging
 from services.core.metrics import serve_metrics
+from services.core.runtime import Runtime
 from services.core.settings import CoreSettings
 from voiceassist.audit.v1 import audit_pb2
 from voiceassist.auth.v1 import auth_pb2
@@ -42,24 +42,6 @@ PROBE_INTERVAL_SECONDS = 5.0
 # Importing the generated modules registers every mesh service in the default descriptor pool, which server
 # reflection answers from.
 _MESH_FILES = (auth_pb2, audit_pb2, search_pb2, rag_pb2, voice_pb2)
-
-
-class Runtime:
-    """What a service gets from the process that hosts it: settings, and channels to the other services."""
-
-    def __init__(self, settings: CoreSettings, hosted: Iterable[str], self_address: str) -> None:
-        self.settings = settings
-        self.hosted = frozenset(hosted)
-        self.self_address = self_address
-        self.channels = ChannelPool(self.address)
-
-    def address(self, service: str) -> str:
-        """Where to call `service`: this process when it hosts it, else its configured address."""
-        return self.self_address if service in self.hosted else registry.address(service, self.settings)
-
-    async def close(self) -> None:
-        """Close outgoing channels."""
-        await self.channels.close()
 
 
 @dataclass
@@ -87,7 +69,7 @@ class MeshHealthServicer(HealthServicer):
         super().__init__()
         self._runtime = runtime
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
         owner = registry.BY_GRPC_SERVICE.get(request.service)
         if owner is None or owner.name in self._runtime.hosted:
             return await super().Check(request, context)
@@ -125,7 +107,7 @@ def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Serve
     """A configured (not started) server hosting `hosted`, with health and reflection."""
     server = grpc.aio.server(
         interceptors=[
-            interceptors.RequestContextInterceptor(),
+            interceptors.RequestContextInterceptor(runtime.settings.trusted_proxies),
             interceptors.TelemetryInterceptor(),
             interceptors.ErrorInterceptor(_domain_of),
             AuthInterceptor(runtime),
@@ -151,7 +133,7 @@ async def _probe_forever(health: MeshHealthServicer, hosted: list[Hosted]) -> No
             if service.probe is not None:
                 try:
                     ok = bool(await service.probe())
-                except Exception as exc:  # noqa: BLE001 - any failure means not serving
+                except Exception as exc:
                     log.warning("probe failed", extra={"service": service.spec.name, "error": repr(exc)})
                     ok = False
             await health.set(service.spec.grpc_service, SERVING if ok else NOT_SERVING)

@@ -36,8 +36,24 @@ class CoreSettings(ServiceSettings):
         description="SQLAlchemy URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test. Each service uses its "
         "own schema in it. Empty: one SQLite file per service under data_dir (embedded mode).",
     )
+    database_schema_prefix: str = Field(
+        "", description="Prefix of each service's PostgreSQL schema (tests use it to isolate runs)."
+    )
+    database_pool_size: int = Field(10, description="Connections each service process keeps per database.")
     redis_url: str = Field(
         "", description="e.g. redis://127.0.0.1:6379/0. Empty: in-process stores and queues (embedded mode)."
+    )
+    redis_key_prefix: str = Field("va:", description="Prefix of every Redis key and stream this system writes.")
+    redis_timeout_seconds: float = Field(
+        0.5, description="Redis connect/read timeout; a slow Redis must not stall logins (fail-open paths)."
+    )
+    jwt_issuer: str = Field("voiceassist-auth", description="`iss` of every token; checked by every verifier.")
+    jwt_audience: str = Field("voiceassist", description="`aud` of access tokens; checked by every verifier.")
+    jwt_leeway_seconds: int = Field(30, description="Clock skew tolerated when checking exp/iat.")
+    auth_fail_closed: bool = Field(
+        False,
+        description="When Redis (revocation list, rate limits) is unreachable: false = allow and audit the outage "
+        "(fail-open), true = refuse calls with UNAVAILABLE.",
     )
     qdrant_url: str = Field("", description="Qdrant server URL. Empty: the embedded Qdrant engine under data_dir.")
 
@@ -52,6 +68,12 @@ class CoreSettings(ServiceSettings):
     )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on the service's metrics port.")
     metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds to.")
+
+    trusted_proxies: str = Field(
+        "127.0.0.1/32,::1/128",
+        description="Comma-separated networks whose x-forwarded-for is believed (Envoy's address). The client IP is "
+        "the entry Envoy appended (the last one); from anyone else the peer address is used.",
+    )
 
     auth_addr: str = Field("", description="host:port of the auth service; empty: from the service registry.")
     audit_addr: str = Field("", description="host:port of the audit service; empty: from the service registry.")

@@ -1,0 +1,287 @@
+"""Accounts: registration, login, password changes and administration, with rate limits and audit events."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.auth.passwords import MAX_LENGTH, PasswordHashing, Strength, check_strength
+from services.auth.sessions import Sessions, TokenPair
+from services.auth.store import AuthStore, EmailTaken, UserPage, UserRow
+from services.core.audit_client import AuditClient
+from services.core.context import Caller
+from services.core.db import utcnow
+from services.core.errors import FieldViolation, Reason, ServiceError, invalid, not_found
+from services.core.ratelimit import Limit, RateLimiter
+from services.core.redis_store import StoreUnavailable
+
+ROLES = ("user", "viewer", "admin")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+
+
+def normalise_email(email: str, field: str = "email") -> str:
+    """Trimmed and lower-cased; INVALID_ARGUMENT when it is not an address."""
+    email = unicodedata.normalize("NFKC", email.strip()).lower()
+    if not email:
+        raise invalid(field, "required")
+    if len(email) > 254 or not _EMAIL.match(email):
+        raise invalid(field, "not a valid email address")
+    return email
+
+
+def clean_name(name: str) -> str:
+    """A display name without control characters; at most 200 characters."""
+    name = "".join(ch for ch in unicodedata.normalize("NFKC", name) if unicodedata.category(ch)[0] != "C").strip()
+    if len(name) > 200:
+        raise invalid("full_name", "at most 200 characters")
+    return name
+
+
+def require_password(password: str, field: str) -> None:
+    """Refuse empty and oversized passwords before anything expensive happens."""
+    if not password:
+        raise invalid(field, "required")
+    if len(password) > MAX_LENGTH:
+        raise invalid(field, f"at most {MAX_LENGTH} characters", "TOO_LONG")
+
+
+def weak_password(field: str, strength: Strength) -> ServiceError:
+    """WEAK_PASSWORD with one BadRequest violation per problem."""
+    return ServiceError(
+        Reason.WEAK_PASSWORD,
+        f"password too weak (score {strength.score}, need {strength.min_score})",
+        violations=[FieldViolation(field, p.description, p.code) for p in strength.problems]
+        or [FieldViolation(field, f"score {strength.score} is below {strength.min_score}", "LOW_SCORE")],
+        metadata={"score": str(strength.score)},
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The auth service's rate limits."""
+
+    register: Limit
+    login: Limit
+    refresh: Limit
+    login_failures: Limit
+
+
+class Accounts:
+    """The auth service's use cases."""
+
+    def __init__(
+        self,
+        store: AuthStore,
+        hashing: PasswordHashing,
+        sessions: Sessions,
+        limiter: RateLimiter,
+        limits: Limits,
+        audit: AuditClient,
+        *,
+        min_score: int,
+        fail_closed: bool,
+    ) -> None:
+        self._store = store
+        self._hashing = hashing
+        self.sessions = sessions
+        self._limiter = limiter
+        self._limits = limits
+        self._audit = audit
+        self._min_score = min_score
+        self._fail_closed = fail_closed
+
+    async def _within_limit(self, limit: Limit, key: str, *, count: bool = True) -> bool:
+        """Raise RATE_LIMITED past the limit. Returns False when the limiter is down and the call is let through
+        (fail-open), so the caller can say so in its audit event."""
+        try:
+            decision = await (self._limiter.hit(limit, key) if count else self._limiter.check(limit, key))
+        except StoreUnavailable:
+            if self._fail_closed:
+                raise ServiceError(
+                    Reason.BACKEND_UNAVAILABLE, "rate limiter unavailable; try again", retry_after_seconds=1.0
+                ) from None
+            return False
+        if not decision.allowed:
+            raise ServiceError(
+                Reason.RATE_LIMITED,
+                f"too many requests ({limit.name}); retry in {decision.retry_after:.0f}s",
+                retry_after_seconds=decision.retry_after,
+                metadata={"limit": limit.name},
+            )
+        return True
+
+    def _strength(self, password: str, email: str) -> Strength:
+        return check_strength(password, email, self._min_score)
+
+    async def register(self, email: str, password: str, full_name: str, client_ip: str) -> UserRow:
+        """Create a USER account."""
+        email = normalise_email(email)
+        name = clean_name(full_name)
+        require_password(password, "password")
+        await self._within_limit(self._limits.register, client_ip)
+        strength = self._strength(password, email)
+        if not strength.acceptable:
+            raise weak_password("password", strength)
+        try:
+            user = await self._store.create_user(email, name, await self._hashing.hash(password))
+        except EmailTaken:
+            await self._audit.record("auth.register", success=False, failure_reason=Reason.EMAIL_TAKEN)
+            raise ServiceError(Reason.EMAIL_TAKEN, "an account with this email exists") from None
+        await self._audit.record(
+            "auth.register", actor_id=user.id, actor_role=user.role, resource_type="user", resource_id=user.id
+        )
+        return user
+
+    async def login(self, email: str, password: str, client_ip: str) -> tuple[TokenPair, UserRow]:
+        """Check the credentials and start a session. Unknown email and wrong password look the same."""
+        email = normalise_email(email)
+        require_password(password, "password")
+        account_key = hashlib.sha256(email.encode()).hexdigest()
+        limited = await self._within_limit(self._limits.login, client_ip)
+        limited &= await self._within_limit(self._limits.login_failures, account_key, count=False)
+        degraded = {} if limited else {"rate_limit": "unavailable"}
+        user = await self._store.user_by_email(email)
+        if not await self._hashing.verify(user.password_hash if user else None, password):
+            await self._count_failure(account_key)
+            await self._audit.record(
+                "auth.login.failure",
+                success=False,
+                failure_reason=Reason.INVALID_CREDENTIALS,
+                actor_id=user.id if user else "",
+                metadata={"cause": "wrong_password" if user else "unknown_email", **degraded},
+            )
+            raise ServiceError(Reason.INVALID_CREDENTIALS, "wrong email or password")
+        assert user is not None
+        if not user.active:
+            await self._audit.record(
+                "auth.login.failure", success=False, failure_reason=Reason.ACCOUNT_DISABLED, actor_id=user.id
+            )
+            raise ServiceError(Reason.ACCOUNT_DISABLED, "this account is disabled")
+        if self._hashing.needs_rehash(user.password_hash):
+            await self._store.update_user(user.id, password_hash=await self._hashing.hash(password))
+        pair = await self.sessions.start(user)
+        await self._audit.record(
+            "auth.login.success", actor_id=user.id, actor_role=user.role, resource_type="user", resource_id=user.id,
+            metadata=degraded,
+        )  # fmt: skip
+        return pair, user
+
+    async def _count_failure(self, account_key: str) -> None:
+        with contextlib.suppress(StoreUnavailable):  # an outage was already handled by the check before
+            await self._limiter.hit(self._limits.login_failures, account_key)
+
+    async def refresh(self, refresh_token: str, client_ip: str) -> TokenPair:
+        """Rotate a refresh token."""
+        if not refresh_token:
+            raise invalid("refresh_token", "required")
+        await self._within_limit(self._limits.refresh, client_ip)
+        try:
+            pair, user = await self.sessions.rotate(refresh_token)
+        except ServiceError as exc:
+            await self._audit.record("auth.refresh", success=False, failure_reason=exc.reason)
+            raise
+        await self._audit.record("auth.refresh", actor_id=user.id, actor_role=user.role)
+        return pair
+
+    async def logout(self, caller: Caller, refresh_token: str) -> None:
+        """End the caller's session."""
+        await self.sessions.end(caller, refresh_token)
+        await self._audit.record("auth.logout", resource_type="session", resource_id=caller.family_id)
+
+    async def revoke_all(self, caller: Caller) -> datetime:
+        """End every session of the caller."""
+        cutoff = await self.sessions.revoke_all(caller.user_id, "revoke_all")
+        await self._audit.record("auth.sessions.revoke_all", resource_type="user", resource_id=caller.user_id)
+        return cutoff
+
+    async def current_user(self, caller: Caller) -> UserRow:
+        """The caller's account."""
+        user = await self._store.user_by_id(caller.user_id)
+        if user is None:
+            raise not_found("user", caller.user_id)
+        return user
+
+    async def change_password(self, caller: Caller, current: str, new: str) -> datetime:
+        """Replace the caller's password after checking the current one; revokes every earlier token."""
+        require_password(current, "current_password")
+        require_password(new, "new_password")
+        user = await self.current_user(caller)
+        account_key = hashlib.sha256(user.email.encode()).hexdigest()
+        await self._within_limit(self._limits.login_failures, account_key, count=False)
+        if not await self._hashing.verify(user.password_hash, current):
+            await self._count_failure(account_key)
+            await self._audit.record("auth.password.change", success=False, failure_reason=Reason.INVALID_CREDENTIALS)
+            raise ServiceError(Reason.INVALID_CREDENTIALS, "current password is wrong")
+        if new == current:
+            raise invalid("new_password", "must differ from the current password", "UNCHANGED")
+        strength = self._strength(new, user.email)
+        if not strength.acceptable:
+            raise weak_password("new_password", strength)
+        await self._store.update_user(
+            user.id, password_hash=await self._hashing.hash(new), password_changed_at=utcnow()
+        )
+        cutoff = await self.sessions.revoke_all(user.id, "password_change")
+        await self._audit.record("auth.password.change", resource_type="user", resource_id=user.id)
+        return cutoff
+
+    def password_strength(self, password: str, email: str) -> Strength:
+        """The policy's verdict on a candidate password (public; stores nothing)."""
+        return self._strength(password, email.strip().lower())
+
+    async def list_users(
+        self, limit: int, after: tuple[datetime, str] | None, role: str | None, active: bool | None
+    ) -> UserPage:
+        """Accounts, oldest first (admins and viewers; checked by the caller)."""
+        return await self._store.list_users(limit, after, role, active)
+
+    async def update_user(
+        self, caller: Caller, user_id: str, *, role: str | None, active: bool | None, full_name: str | None
+    ) -> UserRow:
+        """Change an account (admins). Role and active changes revoke the account's tokens."""
+        target = await self._store.user_by_id(user_id)
+        if target is None:
+            raise not_found("user", user_id)
+        if role is not None and role not in ROLES:
+            raise invalid("user.role", "unknown role")
+        if user_id == caller.user_id and (role not in (None, "admin") or active is False):
+            raise ServiceError(
+                Reason.FAILED_PRECONDITION, "admins cannot demote or deactivate themselves; ask another admin"
+            )
+        values: dict[str, object] = {}
+        if role is not None and role != target.role:
+            values["role"] = role
+        if active is not None and active != target.active:
+            values["active"] = active
+        if full_name is not None:
+            values["full_name"] = clean_name(full_name)
+        updated = await self._store.update_user(user_id, **values) if values else target
+        assert updated is not None
+        if "role" in values or "active" in values:
+            await self.sessions.revoke_all(user_id, "account_change")
+            changes = {k: str(values[k]).lower() for k in ("role", "active") if k in values}
+            await self._audit.record("auth.user.update", resource_type="user", resource_id=user_id, metadata=changes)
+        return updated
+
+    async def create_admin(self, email: str, password: str, full_name: str = "") -> UserRow:
+        """Bootstrap: create an admin account, or promote an existing one (CLI only)."""
+        email = normalise_email(email)
+        existing = await self._store.user_by_email(email)
+        if existing is not None:
+            user = await self._store.update_user(existing.id, role="admin", active=True)
+            assert user is not None
+        else:
+            require_password(password, "password")
+            strength = self._strength(password, email)
+            if not strength.acceptable:
+                raise weak_password("password", strength)
+            user = await self._store.create_user(
+                email, clean_name(full_name), await self._hashing.hash(password), "admin"
+            )
+        await self._audit.record(
+            "auth.user.create_admin", actor_id="cli", actor_role="service", resource_type="user", resource_id=user.id
+        )
+        return user

@@ -1,0 +1,135 @@
+"""Each service's own database: an async SQLAlchemy engine and Alembic migrations.
+
+Mesh mode: PostgreSQL via asyncpg, one schema per service (`<prefix><service>`) inside `DATABASE_URL`, so the
+services share a server but never a table. Embedded mode: one SQLite file per service under `data_dir`.
+Migrations run at start-up under a PostgreSQL advisory lock, so several processes of one service can start
+together.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.types import TypeDecorator
+
+from services.core.settings import CoreSettings
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored with its timezone and always read back as aware UTC (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime; use services.core.db.utcnow()")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Database:
+    """A service's engine, session factory and migrations."""
+
+    def __init__(self, service: str, settings: CoreSettings) -> None:
+        self.service = service
+        url = settings.database_url
+        self.schema: str | None = None
+        connect_args: dict[str, Any] = {}
+        if not url:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite+aiosqlite:///{settings.data_dir / f'{service}.db'}"
+        if url.startswith("postgresql"):
+            self.schema = f"{settings.database_schema_prefix}{service}"
+            if not _SCHEMA_NAME.match(self.schema):
+                raise ValueError(f"bad schema name {self.schema!r}")
+            connect_args["server_settings"] = {"search_path": self.schema, "application_name": service}
+            self.engine: AsyncEngine = create_async_engine(
+                url,
+                connect_args=connect_args,
+                pool_size=settings.database_pool_size,
+                max_overflow=settings.database_pool_size,
+                pool_pre_ping=True,
+            )
+        else:
+            self.engine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        """True in mesh mode."""
+        return self.engine.dialect.name == "postgresql"
+
+    def session(self) -> AsyncSession:
+        """A new session; use as `async with db.session() as s, s.begin(): ...`."""
+        return self.sessions()
+
+    async def migrate(self, migrations: Path) -> None:
+        """Bring the schema to the newest Alembic revision in `migrations`."""
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": self.schema})
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            await conn.run_sync(_upgrade, migrations)
+
+    async def ping(self) -> bool:
+        """True when the database answers."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _upgrade(connection: Connection, migrations: Path) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def run_alembic_env(metadata: MetaData) -> None:
+    """The body of every service's migrations/env.py: migrate the connection `Database.migrate` passes in."""
+    from alembic import context
+
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("migrations run through services.core.db.Database.migrate(), not the alembic CLI")
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()

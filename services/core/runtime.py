@@ -1,0 +1,76 @@
+"""What a hosted service gets from the process: settings, channels to other services, the shared stores
+(Redis or in-process), the token verifier and audit clients. One Runtime per process, shared by every service
+the process hosts, so embedded mode shares one revocation list and one audit queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from services.core import registry
+from services.core.audit_client import AuditClient, AuditSink, LogSink
+from services.core.clients import ChannelPool
+from services.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from services.core.redis_store import RedisConnection
+from services.core.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
+from services.core.settings import CoreSettings
+from services.core.tokens import JwtVerifier, KeySet
+from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
+
+
+class Runtime:
+    """Process-wide wiring, chosen from settings; never business logic."""
+
+    def __init__(self, settings: CoreSettings, hosted: Iterable[str], self_address: str) -> None:
+        self.settings = settings
+        self.hosted = frozenset(hosted)
+        self.self_address = self_address
+        self.channels = ChannelPool(self.address)
+        self.redis: RedisConnection | None = None
+        self.revocations: RevocationList
+        self.rate_limiter: RateLimiter
+        if settings.redis_url:
+            self.redis = RedisConnection(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout_seconds)
+            self.revocations = RedisRevocationList(self.redis)
+            self.rate_limiter = RedisRateLimiter(self.redis)
+        else:
+            self.revocations = MemoryRevocationList()
+            self.rate_limiter = MemoryRateLimiter()
+        self.audit_sink: AuditSink = LogSink()
+        self.token_verifier = JwtVerifier(
+            KeySet(self._fetch_jwks),
+            self.revocations,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway=settings.jwt_leeway_seconds,
+            fail_closed=settings.auth_fail_closed,
+            on_outage=self._audit_revocation_outage,
+        )
+
+    def address(self, service: str) -> str:
+        """Where to call `service`: this process when it hosts it, else its configured address."""
+        return self.self_address if service in self.hosted else registry.address(service, self.settings)
+
+    def audit(self, service: str) -> AuditClient:
+        """An audit client that records events as `service`."""
+        return AuditClient(service, self.audit_sink)
+
+    async def _fetch_jwks(self) -> list[dict[str, Any]]:
+        stub = auth_pb2_grpc.AuthServiceStub(self.channels.get("auth"))
+        reply = await stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=5)
+        return [MessageToDict(k, preserving_proto_field_name=True) for k in reply.keys]
+
+    async def _audit_revocation_outage(self) -> None:
+        await self.audit("core").record(
+            "auth.revocation.unavailable", success=False, failure_reason="BACKEND_UNAVAILABLE",
+            metadata={"policy": "fail_open"},
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        """Close channels and connections."""
+        await self.channels.close()
+        if self.redis is not None:
+            await self.redis.close()
