@@ -116,6 +116,18 @@ def up_command(mesh: bool) -> None:
         click.echo(f"stopped (exit codes {codes})")
 
 
+@main.command("probe")
+@click.argument("address")
+@click.argument("service", default="")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for SERVING.")
+def probe_command(address: str, service: str, timeout: float) -> None:
+    """Exit 0 when gRPC health at ADDRESS reports SERVICE as SERVING (container health checks)."""
+    try:
+        launcher.wait_healthy(address, [service], timeout=timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def users() -> None:
     """Manage accounts directly in the auth database."""

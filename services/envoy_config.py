@@ -314,7 +314,7 @@ def render(target: EnvoyTarget, descriptor: Path = DESCRIPTOR) -> str:
             "services": [s.grpc_service for s in public],
             "convert_grpc_status": True,
             "print_options": {"always_print_primitive_fields": True, "always_print_enums_as_ints": False},
-            "request_validation_options": {"reject_unknown_method": True},
+            "request_validation_options": {"reject_unknown_method": True, "reject_unknown_query_parameters": True},
             "max_request_body_size": 8 * 1024 * 1024,
             "max_response_body_size": 16 * 1024 * 1024,
         },

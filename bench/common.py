@@ -1,0 +1,84 @@
+"""Shared by the benchmarks: start the system, run load tools, print tables."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support.mesh import Cluster, all_upstreams
+
+RUNS = 3  # every throughput figure is the median of this many runs
+
+
+@contextmanager
+def embedded_system() -> Iterator[Cluster]:
+    """`serve all` + Envoy in a scratch folder (the per-IP limits raised: every call comes from 127.0.0.1)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        cluster = Cluster.create(Path(tmp), mesh=False)
+        try:
+            server = cluster.start("all")
+            cluster.start_envoy(all_upstreams(server))
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def median(values: list[float]) -> float:
+    """The median."""
+    return statistics.median(values)
+
+
+def h2load_rps(url: str, body: Path, headers: dict[str, str], requests: int = 20000, clients: int = 10) -> float:
+    """Requests/s of gRPC calls (HTTP/2 POSTs of a framed message) by h2load: 10 connections x 5 streams."""
+    args = ["h2load", "-n", str(requests), "-c", str(clients), "-m", "5", "-d", str(body)]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=300).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    if not done or not rps or done.group(1) != done.group(2):
+        raise RuntimeError(f"h2load failed:\n{out[-2000:]}")
+    return float(rps.group(1))
+
+
+def wrk_rps(url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50) -> float:
+    """Requests/s of JSON GETs by wrk (2 threads)."""
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s"]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=120).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message (uncompressed)."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def require_tools(*names: str) -> None:
+    """Fail early with a clear message when a load tool is missing."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise SystemExit(f"missing load tools: {', '.join(missing)} (run scripts/system-deps)")
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> None:
+    """Print a two-column table."""
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}\n" + "-" * (width + 20))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")

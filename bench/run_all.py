@@ -1,0 +1,18 @@
+"""`make bench`: every benchmark in turn; each prints its own table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import auth_bench
+
+BENCHMARKS = [auth_bench]
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for bench in BENCHMARKS:
+        if not only or bench.__name__.split(".")[-1] in only:
+            bench.main()

@@ -1,0 +1,289 @@
+"""The auth service on the production path: PostgreSQL, Redis, one process per service, JSON through Envoy."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.rpc import error_details_pb2
+
+from services.core.settings import ROOT
+from tests.support.clients import (
+    STRONG_PASSWORD,
+    bearer,
+    error_detail,
+    error_reason,
+    json_login,
+    json_reason,
+    register_and_login,
+    unique_email,
+)
+from tests.support.mesh import Cluster, free_port
+from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
+
+pytestmark = pytest.mark.mesh
+
+
+def _register(http: httpx.Client, email: str, password: str = STRONG_PASSWORD) -> httpx.Response:
+    return http.post("/v1/auth:register", json={"email": email, "password": password, "fullName": "Pat Doe"})
+
+
+def _me(http: httpx.Client, token: str) -> httpx.Response:
+    return http.get("/v1/users/me", headers={"authorization": f"Bearer {token}"})
+
+
+def test_lifecycle_register_login_refresh_reuse_logout(mesh_http: httpx.Client) -> None:
+    email = unique_email("life")
+    assert _register(mesh_http, email).status_code == 200
+    login = json_login(mesh_http, email).json()
+    assert login["expiresIn"] == 900 and login["tokenType"] == "Bearer"
+    me = _me(mesh_http, login["accessToken"])
+    assert me.status_code == 200 and me.json()["user"]["email"] == email
+
+    refreshed = mesh_http.post("/v1/auth:refresh", json={"refreshToken": login["refreshToken"]})
+    assert refreshed.status_code == 200
+    new = refreshed.json()
+    assert new["refreshToken"] != login["refreshToken"]
+    assert _me(mesh_http, new["accessToken"]).status_code == 200
+
+    # The retired refresh token comes back: someone copied it. The whole family dies.
+    reused = mesh_http.post("/v1/auth:refresh", json={"refreshToken": login["refreshToken"]})
+    assert reused.status_code == 401 and json_reason(reused.json()) == "TOKEN_REVOKED"
+    for token in (login["accessToken"], new["accessToken"]):
+        refused = _me(mesh_http, token)
+        assert refused.status_code == 401 and json_reason(refused.json()) == "TOKEN_REVOKED"
+    again = mesh_http.post("/v1/auth:refresh", json={"refreshToken": new["refreshToken"]})
+    assert again.status_code == 401 and json_reason(again.json()) == "TOKEN_REVOKED"
+
+    second = json_login(mesh_http, email).json()
+    assert _me(mesh_http, second["accessToken"]).status_code == 200
+    out = mesh_http.post(
+        "/v1/auth:logout",
+        json={"refreshToken": second["refreshToken"]},
+        headers={"authorization": f"Bearer {second['accessToken']}"},
+    )
+    assert out.status_code == 200
+    after = _me(mesh_http, second["accessToken"])
+    assert after.status_code == 401 and json_reason(after.json()) == "TOKEN_REVOKED"
+    dead = mesh_http.post("/v1/auth:refresh", json={"refreshToken": second["refreshToken"]})
+    assert dead.status_code == 401 and json_reason(dead.json()) == "TOKEN_REVOKED"
+
+
+def test_change_password_revokes_older_tokens_but_not_the_next_login(mesh_http: httpx.Client) -> None:
+    email = unique_email("pw")
+    _register(mesh_http, email)
+    first = json_login(mesh_http, email).json()
+    new_password = "violet-Harbor-77-quartz"
+    changed = mesh_http.post(
+        "/v1/users/me:changePassword",
+        json={"currentPassword": STRONG_PASSWORD, "newPassword": new_password},
+        headers={"authorization": f"Bearer {first['accessToken']}"},
+    )
+    assert changed.status_code == 200
+    assert json_reason(_me(mesh_http, first["accessToken"]).json()) == "TOKEN_REVOKED"
+    assert json_login(mesh_http, email).status_code == 401
+    # A login in the same second as the cut-off still works (cut-offs and iat keep milliseconds).
+    fresh = json_login(mesh_http, email, new_password).json()
+    assert _me(mesh_http, fresh["accessToken"]).status_code == 200
+
+
+def test_forged_token_is_refused_by_envoy_before_any_service(mesh: Cluster, mesh_http: httpx.Client) -> None:
+    forger = Ed25519PrivateKey.generate()
+    now = int(time.time())
+    claims = {"iss": "voiceassist-auth", "aud": "voiceassist", "sub": str(uuid.uuid4()), "role": "admin",
+              "jti": str(uuid.uuid4()), "iat": now, "exp": now + 600, "typ": "access"}  # fmt: skip
+    forged = jwt.encode(claims, forger, algorithm="EdDSA", headers={"kid": "made-up"})
+    request_id = f"forged-{uuid.uuid4().hex}"
+    reply = mesh_http.get("/v1/users", headers={"authorization": f"Bearer {forged}", "x-request-id": request_id})
+    assert reply.status_code == 401
+    assert reply.json()["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert json_reason(reply.json()) == "UNAUTHENTICATED"
+    assert "x-envoy-upstream-service-time" not in reply.headers
+    assert all(request_id not in server.log_text() for server in mesh.servers)
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        pytest.param(lambda key, claims: _unsigned(claims), id="alg-none"),
+        pytest.param(lambda key, claims: jwt.encode(claims, "s" * 32, algorithm="HS256"), id="hs256"),
+        pytest.param(lambda key, claims: jwt.encode({**claims, "iss": "evil"}, key, algorithm="EdDSA"), id="issuer"),
+    ],
+)
+def test_bad_tokens_are_unauthenticated_directly(mesh: Cluster, make_token) -> None:
+    claims = {"iss": "voiceassist-auth", "aud": "voiceassist", "sub": "x", "jti": "y", "iat": int(time.time()),
+              "exp": int(time.time()) + 60, "typ": "access", "role": "admin"}  # fmt: skip
+    token = make_token(Ed25519PrivateKey.generate(), claims)
+    auth = next(s for s in mesh.servers if s.services == "auth")
+    with grpc.insecure_channel(auth.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=bearer(token), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_reason(caught.value) == "TOKEN_INVALID"
+
+
+def _unsigned(claims: dict) -> str:
+    def b64(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
+
+
+def test_refresh_token_is_not_an_access_token(mesh: Cluster, mesh_http: httpx.Client) -> None:
+    email = unique_email("rt")
+    _register(mesh_http, email)
+    login = json_login(mesh_http, email).json()
+    at_edge = _me(mesh_http, login["refreshToken"])
+    assert at_edge.status_code in (401, 403)  # Envoy: wrong audience
+    auth = next(s for s in mesh.servers if s.services == "auth")
+    with grpc.insecure_channel(auth.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=bearer(login["refreshToken"]), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and error_reason(caught.value) == "TOKEN_INVALID"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"email": "not-an-email", "password": STRONG_PASSWORD}, "email"),
+        ({"email": "a@example.org", "password": ""}, "password"),
+        ({"email": "a@example.org", "password": "x" * 5000}, "password"),
+        ({"email": "", "password": STRONG_PASSWORD}, "email"),
+    ],
+)
+def test_bad_registration_input_is_invalid_argument(mesh_http: httpx.Client, payload: dict, field: str) -> None:
+    reply = mesh_http.post("/v1/auth:register", json=payload)
+    assert reply.status_code == 400
+    body = reply.json()
+    assert json_reason(body) == "VALIDATION_ERROR"
+    violations = next(d for d in body["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
+    assert violations[0]["field"] == field
+
+
+def test_user_cannot_call_admin_rpcs_and_deactivation_kills_tokens(mesh: Cluster, mesh_http: httpx.Client) -> None:
+    admin_email = unique_email("admin")
+    env = {**os.environ, **mesh.env, "VOICEASSIST_ADMIN_PASSWORD": STRONG_PASSWORD}
+    created = subprocess.run(
+        [sys.executable, "-m", "services.cli", "users", "create-admin", admin_email], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    admin = json_login(mesh_http, admin_email).json()
+    user_email = unique_email("plain")
+    _register(mesh_http, user_email)
+    user = json_login(mesh_http, user_email).json()
+    user_headers = {"authorization": f"Bearer {user['accessToken']}"}
+
+    denied = mesh_http.get("/v1/users", headers=user_headers)
+    assert denied.status_code == 403 and json_reason(denied.json()) == "PERMISSION_DENIED"
+    denied = mesh_http.patch(f"/v1/users/{user['user']['id']}?updateMask=role", json={"role": "ROLE_ADMIN"},
+                             headers=user_headers)  # fmt: skip
+    assert denied.status_code == 403
+
+    admin_headers = {"authorization": f"Bearer {admin['accessToken']}"}
+    listed = mesh_http.get("/v1/users", params={"pageSize": 2}, headers=admin_headers).json()
+    assert len(listed["users"]) == 2 and listed["nextPageToken"]
+    following = mesh_http.get("/v1/users", params={"pageSize": 2, "pageToken": listed["nextPageToken"]},
+                              headers=admin_headers)  # fmt: skip
+    assert following.status_code == 200
+    assert {u["id"] for u in following.json()["users"]}.isdisjoint({u["id"] for u in listed["users"]})
+    mismatched = mesh_http.get("/v1/users", params={"pageToken": listed["nextPageToken"], "role": "ROLE_ADMIN"},
+                               headers=admin_headers)  # fmt: skip
+    assert mismatched.status_code == 400 and json_reason(mismatched.json()) == "INVALID_PAGE_TOKEN"
+
+    off = mesh_http.patch(f"/v1/users/{user['user']['id']}?updateMask=active", json={"active": False},
+                          headers=admin_headers)  # fmt: skip
+    assert off.status_code == 200 and off.json()["user"]["active"] is False
+    refused = _me(mesh_http, user["accessToken"])
+    assert refused.status_code == 401 and json_reason(refused.json()) == "TOKEN_REVOKED"
+    relogin = json_login(mesh_http, user_email)
+    assert relogin.status_code == 403 and json_reason(relogin.json()) == "ACCOUNT_DISABLED"
+
+
+def test_login_rate_limit_holds_across_two_auth_processes(workdir: Path) -> None:
+    cluster = Cluster.create(workdir, mesh=True, AUTH_LOGIN_PER_MINUTE="10")  # the production default
+    try:
+        first, second = cluster.start("auth"), cluster.start("auth")
+        email = unique_email("rl")
+        with grpc.insecure_channel(first.address) as a, grpc.insecure_channel(second.address) as b:
+            stubs = [auth_pb2_grpc.AuthServiceStub(a), auth_pb2_grpc.AuthServiceStub(b)]
+            stubs[0].Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+            for i in range(10):
+                stubs[i % 2].Login(auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+            with pytest.raises(grpc.RpcError) as caught:
+                stubs[1].Login(auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(caught.value) == "RATE_LIMITED"
+        retry = error_detail(caught.value, error_details_pb2.RetryInfo)
+        assert 0 < retry.retry_delay.ToMilliseconds() <= 60_000
+    finally:
+        cluster.stop()
+
+
+def test_login_fails_open_without_redis_and_closed_when_configured(workdir: Path) -> None:
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    cluster = Cluster.create(workdir, mesh=True, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    try:
+        open_server = cluster.start("auth")
+        closed_server = cluster.start("auth", AUTH_FAIL_CLOSED="true")
+        with grpc.insecure_channel(open_server.address) as channel:
+            account = register_and_login(channel)
+        redis.terminate()
+        redis.wait(10)
+        with grpc.insecure_channel(open_server.address) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            reply = stub.Login(auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30)
+            assert reply.access_token
+            # The token still verifies (revocation list unreachable: fail-open, audited).
+            stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(reply.access_token), timeout=10)
+        log = open_server.log_text()
+        assert '"action": "auth.login.success"' in log and "auth.revocation.unavailable" in log
+        with grpc.insecure_channel(closed_server.address) as channel, pytest.raises(grpc.RpcError) as caught:
+            auth_pb2_grpc.AuthServiceStub(channel).Login(
+                auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(caught.value) == "BACKEND_UNAVAILABLE"
+    finally:
+        cluster.stop()
+        if redis.poll() is None:
+            redis.kill()
+
+
+def test_expired_access_token_is_token_expired(workdir: Path) -> None:
+    cluster = Cluster.create(workdir, mesh=False, AUTH_ACCESS_TOKEN_TTL_SECONDS="1", JWT_LEEWAY_SECONDS="0")
+    try:
+        server = cluster.start("auth")
+        with grpc.insecure_channel(server.address) as channel:
+            account = register_and_login(channel)
+            time.sleep(2.1)  # waiting for the token to expire, not for readiness
+            with pytest.raises(grpc.RpcError) as caught:
+                auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
+                    auth_pb2.GetCurrentUserRequest(), metadata=account.metadata, timeout=10
+                )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_reason(caught.value) == "TOKEN_EXPIRED"
+    finally:
+        cluster.stop()
+
+
+def test_jwks_is_public_json(mesh_http: httpx.Client) -> None:
+    keys = mesh_http.get("/v1/auth/jwks").json()["keys"]
+    assert keys and all(k["kty"] == "OKP" and k["alg"] == "EdDSA" and "y" not in k for k in keys)

@@ -1,0 +1,192 @@
+"""The spine: discovery, health, JSON transcoding, errors, request ids, limits and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.core import registry
+from tests.support.clients import STRONG_PASSWORD, json_reason, unique_email
+from tests.support.mesh import Cluster, free_port
+from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+def test_grpcurl_lists_every_service_through_envoy(embedded: Cluster) -> None:
+    assert embedded.envoy is not None
+    out = subprocess.run(
+        [GRPCURL, "-plaintext", embedded.envoy.address, "list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    expected = {s.grpc_service for s in registry.SERVICES} | {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert expected <= set(out)
+
+
+@pytest.mark.parametrize("through_envoy", [False, True], ids=["direct", "envoy"])
+def test_every_service_is_serving(embedded: Cluster, through_envoy: bool) -> None:
+    assert embedded.envoy is not None
+    target = embedded.envoy.address if through_envoy else embedded.servers[0].address
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for spec in registry.SERVICES:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, spec.name
+
+
+def test_mesh_health_through_envoy_answers_for_each_owner(mesh: Cluster) -> None:
+    # Envoy sends every health check to one upstream, which asks each service's own process.
+    assert mesh.envoy is not None
+    with grpc.insecure_channel(mesh.envoy.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for spec in registry.SERVICES:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, spec.name
+
+
+def test_grpcurl_health_check_through_envoy(embedded: Cluster) -> None:
+    assert embedded.envoy is not None
+    out = subprocess.run(
+        [GRPCURL, "-plaintext", "-d", '{"service": "voiceassist.rag.v1.RagService"}', embedded.envoy.address,
+         "grpc.health.v1.Health/Check"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert json.loads(out) == {"status": "SERVING"}
+
+
+def test_json_call_returns_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.post("/v1/auth:checkPasswordStrength", json={"password": "correct horse battery staple"})
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("application/json")
+    body = reply.json()
+    assert body["acceptable"] is True and 50 <= body["score"] <= 100
+
+
+def test_service_error_is_json_status_with_matching_http_code(edge_http: httpx.Client) -> None:
+    reply = edge_http.post("/v1/auth:register", json={"email": unique_email(), "password": "password123"})
+    assert reply.status_code == 400
+    body = reply.json()
+    assert body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert json_reason(body) == "WEAK_PASSWORD"
+    violations = next(d for d in body["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
+    assert {v["reason"] for v in violations} >= {"TOO_SHORT", "COMMON_PASSWORD"}
+
+
+def test_missing_token_is_401_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.get("/v1/users/me")
+    assert reply.status_code == 401
+    assert reply.json()["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert json_reason(reply.json()) == "UNAUTHENTICATED"
+
+
+def test_unknown_path_is_404_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.get("/v1/no/such/thing")
+    assert reply.status_code == 404
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert json_reason(reply.json()) == "NOT_FOUND"
+
+
+def test_unknown_query_parameter_is_400_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.get("/v1/auth/jwks", params={"bogus": "1"})
+    assert reply.status_code == 400
+    assert json_reason(reply.json()) == "VALIDATION_ERROR"
+
+
+def test_malformed_json_is_400_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.post("/v1/auth:login", content=b'{"email": ', headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/json"
+    assert json_reason(reply.json()) == "VALIDATION_ERROR"
+
+
+def test_oversized_message_is_resource_exhausted(embedded_channel: grpc.Channel) -> None:
+    stub = auth_pb2_grpc.AuthServiceStub(embedded_channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CheckPasswordStrength(auth_pb2.CheckPasswordStrengthRequest(password="x" * (9 * 1024 * 1024)), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_oversized_json_body_is_resource_exhausted_json(edge_http: httpx.Client) -> None:
+    reply = edge_http.post("/v1/auth:checkPasswordStrength", json={"password": "x" * (9 * 1024 * 1024)})
+    assert reply.status_code in (413, 429)
+    assert reply.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+def test_request_id_is_echoed_and_logged(embedded: Cluster, embedded_channel: grpc.Channel) -> None:
+    request_id = f"test-{uuid.uuid4().hex}"
+    stub = auth_pb2_grpc.AuthServiceStub(embedded_channel)
+    _, call = stub.CheckPasswordStrength.with_call(
+        auth_pb2.CheckPasswordStrengthRequest(password="abc"), metadata=(("x-request-id", request_id),), timeout=10
+    )
+    assert ("x-request-id", request_id) in tuple(call.initial_metadata())
+    assert request_id in embedded.servers[0].log_text()
+
+
+def test_request_id_through_envoy_json(embedded: Cluster, edge_http: httpx.Client) -> None:
+    request_id = f"test-{uuid.uuid4().hex}"
+    reply = edge_http.post(
+        "/v1/auth:checkPasswordStrength", json={"password": "abc"}, headers={"x-request-id": request_id}
+    )
+    assert reply.headers["x-request-id"] == request_id
+    assert request_id in embedded.servers[0].log_text()
+
+
+def test_error_details_never_carry_internals(edge_http: httpx.Client) -> None:
+    # A wrong password and an unknown email answer alike.
+    email = unique_email()
+    edge_http.post("/v1/auth:register", json={"email": email, "password": STRONG_PASSWORD})
+    wrong = edge_http.post("/v1/auth:login", json={"email": email, "password": STRONG_PASSWORD + "x"})
+    unknown = edge_http.post("/v1/auth:login", json={"email": unique_email(), "password": STRONG_PASSWORD})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json()["message"] == unknown.json()["message"]
+    assert json_reason(wrong.json()) == json_reason(unknown.json()) == "INVALID_CREDENTIALS"
+
+
+def _started_logins(metrics_port: int) -> tuple[float, float]:
+    """(in flight, finished) Login calls, from the server's Prometheus endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    in_flight = finished = 0.0
+    for line in text.splitlines():
+        if line.startswith("grpc_server_in_flight{") and "AuthService" in line:
+            in_flight = float(line.rsplit(" ", 1)[1])
+        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Login"' in line:
+            finished += float(line.rsplit(" ", 1)[1])
+    return in_flight, finished
+
+
+async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
+    cluster = Cluster.create(workdir, mesh=False)
+    metrics_port = free_port()
+    # Slow logins: argon2id with t=8 behind the hashing semaphore makes 50 of them take seconds.
+    server = cluster.start("auth", metrics_port=metrics_port, AUTH_LOGIN_PER_MINUTE="1000", AUTH_ARGON2_TIME_COST="8")
+    email = unique_email()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        await stub.Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+        request = auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD)
+        calls = [asyncio.ensure_future(stub.Login(request, timeout=120)) for _ in range(50)]
+        while True:  # until the server is handling all 50 (none finished yet)
+            in_flight, finished = await asyncio.to_thread(_started_logins, metrics_port)
+            if in_flight + finished >= 50:
+                break
+            await asyncio.sleep(0.02)
+        assert finished < 50, "the calls finished before SIGTERM could arrive"
+        server.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r.access_token for r in results)  # type: ignore[union-attr]
+    assert server.process.wait(timeout=30) == 0
+    assert "shutting down" in server.log_text() and "stopped" in server.log_text()
