@@ -118,15 +118,23 @@ def test_kubernetes_manifests_render_and_validate() -> None:
 
 
 def test_env_example_lists_every_setting() -> None:
-    from services.auth.settings import AuthSettings
+    import importlib
+
+    from services.core.settings import ServiceSettings
 
     listed = {
         line.split("=", 1)[0].lstrip("# ").strip()
         for line in (ROOT / ".env.example").read_text().splitlines()
         if "=" in line
     }
-    wanted = {name.upper() for name in CoreSettings.model_fields}
-    for cls in (AuthSettings,):
+    classes = [CoreSettings]
+    for spec in registry.SERVICES:
+        if (ROOT / "services" / spec.name / "settings.py").exists():
+            module = importlib.import_module(f"services.{spec.name}.settings")
+            classes += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, ServiceSettings)
+                        and c is not ServiceSettings]  # fmt: skip
+    wanted = set()
+    for cls in classes:
         prefix = cls.model_config.get("env_prefix", "")
         wanted |= {f"{prefix}{name}".upper() for name in cls.model_fields}
     assert wanted - listed == set()
