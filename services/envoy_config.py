@@ -190,6 +190,11 @@ def _routes(streaming: list[str]) -> list[dict[str, Any]]:
     first = registry.SERVICES[0].name
     routes.append({"match": {"prefix": "/grpc.health.v1.Health/"}, "route": {"cluster": first, "timeout": "10s"}})
     routes.append({"match": {"prefix": "/grpc.reflection."}, "route": {"cluster": first, "timeout": "0s"}})
+    # JSON paths (/v1/...) match no route until the transcoder has turned them into gRPC paths; this catch-all
+    # lets the CORS filter, which runs first, find the virtual host's policy and answer preflights (it skips
+    # direct-response routes, so this one routes). Unknown JSON paths never get here (the transcoder answers
+    # 404); an unknown gRPC method gets UNIMPLEMENTED from the server.
+    routes.append({"match": {"prefix": "/"}, "route": {"cluster": first, "timeout": UNARY_TIMEOUT}})
     return routes
 
 

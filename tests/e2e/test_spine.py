@@ -91,6 +91,37 @@ def test_missing_token_is_401_json(edge_http: httpx.Client) -> None:
     assert json_reason(reply.json()) == "UNAUTHENTICATED"
 
 
+def test_grpc_web_call_through_envoy(edge_http: httpx.Client) -> None:
+    message = auth_pb2.CheckPasswordStrengthRequest(password="correct horse battery staple").SerializeToString()
+    reply = edge_http.post(
+        "/voiceassist.auth.v1.AuthService/CheckPasswordStrength",
+        content=b"\x00" + len(message).to_bytes(4, "big") + message,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    )
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/grpc-web")
+    body = reply.content
+    length = int.from_bytes(body[1:5], "big")
+    assert body[0] == 0  # a data frame, then the trailers frame
+    answer = auth_pb2.CheckPasswordStrengthResponse.FromString(body[5 : 5 + length])
+    assert answer.acceptable
+    assert body[5 + length] == 0x80 and b"grpc-status:0" in body[5 + length :].replace(b" ", b"")
+
+
+def test_cors_preflight_allows_configured_origin_only(edge_http: httpx.Client) -> None:
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    allowed = edge_http.options("/v1/auth:login", headers={"origin": "http://localhost:3000", **preflight})
+    assert allowed.headers.get("access-control-allow-origin") == "http://localhost:3000"
+    assert "authorization" in allowed.headers.get("access-control-allow-headers", "")
+    refused = edge_http.options("/v1/auth:login", headers={"origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in refused.headers
+    actual = edge_http.post(
+        "/v1/auth:checkPasswordStrength", json={"password": "x"}, headers={"origin": "http://localhost:3000"}
+    )
+    assert actual.status_code == 200
+    assert actual.headers.get("access-control-allow-origin") == "http://localhost:3000"
+    assert "x-request-id" in actual.headers.get("access-control-expose-headers", "")
+
+
 def test_unknown_path_is_404_json(edge_http: httpx.Client) -> None:
     reply = edge_http.get("/v1/no/such/thing")
     assert reply.status_code == 404
