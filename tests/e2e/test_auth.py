@@ -284,6 +284,24 @@ def test_expired_access_token_is_token_expired(workdir: Path) -> None:
         cluster.stop()
 
 
+def test_session_has_an_absolute_lifetime(workdir: Path) -> None:
+    cluster = Cluster.create(workdir, mesh=False, AUTH_SESSION_MAX_SECONDS="2", JWT_LEEWAY_SECONDS="0")
+    try:
+        server = cluster.start("auth")
+        with grpc.insecure_channel(server.address) as channel:
+            account = register_and_login(channel)
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            rotated = stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=account.refresh_token), timeout=10)
+            assert rotated.refresh_expires_in <= 2
+            time.sleep(2.1)  # waiting for the session to end, not for readiness
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=rotated.refresh_token), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_reason(caught.value) == "TOKEN_EXPIRED"
+    finally:
+        cluster.stop()
+
+
 def test_jwks_is_public_json(mesh_http: httpx.Client) -> None:
     keys = mesh_http.get("/v1/auth/jwks").json()["keys"]
     assert keys and all(k["kty"] == "OKP" and k["alg"] == "EdDSA" and "y" not in k for k in keys)
