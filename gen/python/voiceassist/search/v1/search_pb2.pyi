@@ -198,16 +198,18 @@ class SearchFilters(_message.Message):
     def __init__(self, specialty: _Optional[str] = ..., source_type: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "filters", "limit", "mode")
+    __slots__ = ("query", "filters", "limit", "mode", "page_token")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     query: str
     filters: SearchFilters
     limit: int
     mode: SearchMode
-    def __init__(self, query: _Optional[str] = ..., filters: _Optional[_Union[SearchFilters, _Mapping]] = ..., limit: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
+    page_token: str
+    def __init__(self, query: _Optional[str] = ..., filters: _Optional[_Union[SearchFilters, _Mapping]] = ..., limit: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Highlight(_message.Message):
     __slots__ = ("start", "end")
@@ -240,9 +242,11 @@ class SearchResult(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., chunk_id: _Optional[str] = ..., snippet: _Optional[str] = ..., highlights: _Optional[_Iterable[_Union[Highlight, _Mapping]]] = ..., page: _Optional[int] = ..., relevance_score: _Optional[float] = ..., specialty: _Optional[str] = ..., source_type: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "mode")
+    __slots__ = ("results", "mode", "next_page_token")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResult]
     mode: SearchMode
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
