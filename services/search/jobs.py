@@ -1,0 +1,139 @@
+"""Indexing jobs: which document (and generation) to run through the pipeline next.
+
+Mesh mode: a Redis stream with a consumer group. A job stays pending until its worker acknowledges it; a
+worker renews its claim after every batch, and a job whose worker went silent (crashed) is taken over by
+another process after `claim_idle_seconds`, which resumes it. Embedded mode: an in-process queue; jobs lost
+with the process are rebuilt from the database at start-up (every unfinished document is queued again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+GROUP = "indexers"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Index `document_id` at `generation`; `attempt` counts retries after unexpected failures."""
+
+    document_id: str
+    generation: int
+    attempt: int = 1
+    receipt: str = ""  # the stream entry id (mesh mode)
+
+
+class QueueFull(Exception):
+    """The in-process queue holds its maximum of waiting jobs."""
+
+
+class JobQueue(Protocol):
+    """Where uploads leave jobs and workers take them."""
+
+    async def put(self, job: Job) -> None:
+        """Add a job; QueueFull when no more fit."""
+
+    async def take(self) -> Job:
+        """The next job (waits for one)."""
+
+    async def renew(self, job: Job) -> None:
+        """Tell the queue the job's worker is alive."""
+
+    async def done(self, job: Job) -> None:
+        """Remove a finished job."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class MemoryJobQueue:
+    """Jobs in this process (embedded mode)."""
+
+    def __init__(self, max_pending: int) -> None:
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(max_pending)
+
+    async def put(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+
+    async def take(self) -> Job:
+        return await self._queue.get()
+
+    async def renew(self, job: Job) -> None:
+        """Nothing to renew: the job dies with the process and is rebuilt from the database."""
+
+    async def done(self, job: Job) -> None:
+        """Already removed by take()."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class RedisJobQueue:
+    """Jobs on a Redis stream shared by every search process (mesh mode)."""
+
+    def __init__(self, url: str, key: str, claim_idle_seconds: int, block_seconds: float = 5.0) -> None:
+        # Its own connection: blocking reads outlast the short timeout of the shared one.
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=block_seconds + 10)
+        self._key = key
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._claim_idle_ms = claim_idle_seconds * 1000
+        self._block_ms = int(block_seconds * 1000)
+        self._group_ready = False
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(self._key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def put(self, job: Job) -> None:
+        fields = {"document_id": job.document_id, "generation": str(job.generation), "attempt": str(job.attempt)}
+        await self._redis.xadd(self._key, fields)
+
+    async def take(self) -> Job:
+        await self._ensure_group()
+        while True:
+            # First, jobs whose worker stopped renewing its claim (a crashed process): resume them.
+            _cursor, claimed, *_ = await self._redis.xautoclaim(
+                self._key, GROUP, self._consumer, self._claim_idle_ms, start_id="0-0", count=1
+            )
+            entries = [entry for entry in claimed if entry and entry[1]]
+            if not entries:
+                reply = await self._redis.xreadgroup(
+                    GROUP, self._consumer, {self._key: ">"}, count=1, block=self._block_ms
+                )
+                entries = [entry for _stream, items in reply or [] for entry in items]
+            if entries:
+                entry_id, fields = entries[0]
+                return Job(
+                    fields[b"document_id"].decode(),
+                    int(fields[b"generation"]),
+                    int(fields.get(b"attempt", b"1")),
+                    entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                )
+
+    async def renew(self, job: Job) -> None:
+        # XCLAIM by the owner resets the entry's idle time, so nobody takes it over while work goes on.
+        await self._redis.xclaim(self._key, GROUP, self._consumer, 0, [job.receipt], justid=True)
+
+    async def done(self, job: Job) -> None:
+        await self._redis.xack(self._key, GROUP, job.receipt)
+        await self._redis.xdel(self._key, job.receipt)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
