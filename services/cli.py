@@ -20,6 +20,7 @@ from services.core.server import ServiceFactory, serve
 from services.core.settings import ROOT, core_settings
 from services.rag import server as rag_server
 from services.search import server as search_server
+from services.search.cli import kb as kb_group
 from services.voice import server as voice_server
 
 FACTORIES: dict[str, ServiceFactory] = {
@@ -174,6 +175,8 @@ VoiceAssist Mesh is up.
 Press Ctrl-C to stop."""
     )
 
+
+main.add_command(kb_group)
 
 if __name__ == "__main__":
     main()

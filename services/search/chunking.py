@@ -80,12 +80,19 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in sentences if s]
 
 
-def _split_long(sentence: str, tokens: int, max_tokens: int) -> list[str]:
-    """A sentence over the budget cut into word runs of roughly equal token counts."""
-    words = sentence.split()
-    pieces = -(-tokens // max_tokens) + 1  # one spare piece: word/token ratios vary along the sentence
-    size = max(1, -(-len(words) // pieces))
-    return [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
+def _fit(text: str, tokens: int, max_tokens: int, count_tokens: TokenCounter) -> list[tuple[str, int]]:
+    """A sentence over the budget cut in halves at word boundaries until every piece fits."""
+    if tokens <= max_tokens:
+        return [(text, tokens)]
+    words = text.split()
+    if len(words) < 2:  # one enormous "word": the model truncates it, nothing better to do
+        return [(text, tokens)]
+    halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
+    return [
+        piece
+        for half, n in zip(halves, count_tokens(halves), strict=True)
+        for piece in _fit(half, n, max_tokens, count_tokens)
+    ]
 
 
 def chunk_pages(pages: Sequence[Page], count_tokens: TokenCounter, max_tokens: int, overlap_tokens: int) -> list[Chunk]:
@@ -99,11 +106,7 @@ def chunk_pages(pages: Sequence[Page], count_tokens: TokenCounter, max_tokens: i
         counts = count_tokens(sentences) if sentences else []
         units: list[tuple[str, int]] = []
         for sentence, count in zip(sentences, counts, strict=True):
-            if count <= max_tokens:
-                units.append((sentence, count))
-            else:
-                pieces = _split_long(sentence, count, max_tokens)
-                units.extend(zip(pieces, count_tokens(pieces), strict=True))
+            units.extend(_fit(sentence, count, max_tokens, count_tokens))
         _pack(units, page.number, max_tokens, overlap_tokens, chunks)
     return chunks
 

@@ -5,10 +5,7 @@ mesh path (PostgreSQL, Redis stream) including a worker crash in the middle of a
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -16,41 +13,19 @@ import grpc
 import httpx
 import pytest
 
-from services.core.settings import ROOT
+from tests.support.admin import create_admin
 from tests.support.clients import (
-    STRONG_PASSWORD,
     Account,
     error_reason,
     json_reason,
     register_and_login,
-    unique_email,
 )
 from tests.support.mesh import Cluster, drop_schemas, free_port
 from tests.support.pdfs import encrypt_pdf, make_pdf
-from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 
 S = search_pb2
 FINAL = (S.DOCUMENT_STATUS_INDEXED, S.DOCUMENT_STATUS_FAILED)
-
-
-def create_admin(cluster: Cluster, channel: grpc.Channel) -> Account:
-    """An admin account made with `voiceassist users create-admin`, signed in over gRPC."""
-    email = unique_email("kb-admin")
-    env = {**os.environ, **cluster.env, "VOICEASSIST_ADMIN_PASSWORD": STRONG_PASSWORD}
-    made = subprocess.run(
-        [sys.executable, "-m", "services.cli", "users", "create-admin", email],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert made.returncode == 0, made.stderr
-    reply = auth_pb2_grpc.AuthServiceStub(channel).Login(
-        auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD), timeout=30
-    )
-    return Account(email, reply.user.id, reply.access_token, reply.refresh_token)
 
 
 def upload(stub: search_pb2_grpc.SearchServiceStub, admin: Account, meta: S.DocumentMetadata, data: bytes, piece: int):
