@@ -1,0 +1,183 @@
+"""Conversations: create, read, list, change and delete a caller's conversations and read their messages.
+
+A conversation belongs to the account that created it; for anyone else it does not exist (NOT_FOUND, never
+PERMISSION_DENIED, so ids cannot be probed). Titles are never derived from questions, which may hold PHI.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.core.audit_client import AuditClient
+from services.core.context import Caller
+from services.core.errors import invalid, not_found
+from services.core.pagination import decode_page_token, encode_page_token, page_size
+from services.rag.prompts import AnswerStyle
+from services.rag.store import ConversationRow, MessageRow, Page, RagStore
+
+DEFAULT_TITLE = "New conversation"
+MAX_TITLE = 200
+MAX_SYSTEM_PROMPT = 2000
+MAX_SPECIALTY = 64
+UPDATABLE = frozenset(
+    {"title", "archived", "settings", "settings.system_prompt", "settings.answer_style", "settings.specialty"}
+)
+
+
+@dataclass(frozen=True)
+class ConversationSettings:
+    """Answer settings of a conversation; `answer_style` None means the service default."""
+
+    system_prompt: str = ""
+    answer_style: AnswerStyle | None = None
+    specialty: str = ""
+
+
+def clean_text(value: str, field: str, limit: int, *, single_line: bool = False) -> str:
+    """`value` without control characters (newlines kept unless `single_line`), trimmed, at most `limit`."""
+    keep = "" if single_line else "\n\t"
+    value = unicodedata.normalize("NFC", value)
+    value = "".join(ch for ch in value if ch in keep or unicodedata.category(ch)[0] != "C").strip()
+    if len(value) > limit:
+        raise invalid(field, f"at most {limit} characters", "TOO_LONG")
+    return value
+
+
+def clean_specialty(value: str, field: str) -> str:
+    """A specialty as the knowledge base stores it: lower case, one line."""
+    return clean_text(value, field, MAX_SPECIALTY, single_line=True).lower()
+
+
+def settings_of(row: ConversationRow) -> ConversationSettings:
+    """The settings stored on a conversation row."""
+    style = AnswerStyle(row.answer_style) if row.answer_style else None
+    return ConversationSettings(row.system_prompt, style, row.specialty)
+
+
+def _settings_columns(settings: ConversationSettings, paths: set[str]) -> dict[str, object]:
+    whole = "settings" in paths
+    columns: dict[str, object] = {}
+    if whole or "settings.system_prompt" in paths:
+        columns["system_prompt"] = clean_text(settings.system_prompt, "settings.system_prompt", MAX_SYSTEM_PROMPT)
+    if whole or "settings.answer_style" in paths:
+        columns["answer_style"] = settings.answer_style.value if settings.answer_style else ""
+    if whole or "settings.specialty" in paths:
+        columns["specialty"] = clean_specialty(settings.specialty, "settings.specialty")
+    return columns
+
+
+def require_id(value: str, field: str) -> str:
+    """A conversation id: required; anything that is not a UUID cannot exist (NOT_FOUND, like someone else's)."""
+    if not value:
+        raise invalid(field, "required")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise not_found("conversation", value[:64]) from None
+
+
+class Conversations:
+    """The conversation use cases."""
+
+    def __init__(self, store: RagStore, audit: AuditClient) -> None:
+        self._store = store
+        self._audit = audit
+
+    async def create(self, caller: Caller, title: str, settings: ConversationSettings) -> ConversationRow:
+        """Start a conversation for `caller`."""
+        row = ConversationRow(
+            owner_id=caller.user_id,
+            title=clean_text(title, "title", MAX_TITLE, single_line=True) or DEFAULT_TITLE,
+            archived=False,
+            message_count=0,
+            **_settings_columns(settings, {"settings"}),
+        )
+        await self._store.create_conversation(row)
+        await self._audit.record("rag.conversation.create", resource_type="conversation", resource_id=row.id)
+        return row
+
+    async def get(self, caller: Caller, conversation_id: str, field: str = "conversation_id") -> ConversationRow:
+        """The caller's conversation; NOT_FOUND when it does not exist or is someone else's."""
+        conversation_id = require_id(conversation_id, field)
+        row = await self._store.conversation(conversation_id, caller.user_id)
+        if row is None:
+            raise not_found("conversation", conversation_id)
+        return row
+
+    async def list_page(
+        self, caller: Caller, size: int, token: str, include_archived: bool
+    ) -> tuple[list[ConversationRow], str]:
+        """One page of the caller's conversations, most recently updated first, and the next page token."""
+        limit = page_size(size, default=20, maximum=100)
+        query = {"owner": caller.user_id, "archived": include_archived}
+        cursor = decode_page_token(token, query)
+        after = None
+        if cursor is not None:
+            try:
+                after = (datetime.fromisoformat(cursor[0]), str(cursor[1]))
+            except (ValueError, IndexError, TypeError):
+                raise invalid("page_token", "corrupt cursor") from None
+        page = await self._store.list_conversations(caller.user_id, limit, after, include_archived)
+        return page.rows, _next_token(page, lambda r: [r.updated_at.isoformat(), r.id], query)
+
+    async def update(
+        self,
+        caller: Caller,
+        conversation_id: str,
+        paths: set[str],
+        *,
+        title: str,
+        archived: bool,
+        settings: ConversationSettings,
+    ) -> ConversationRow:
+        """Change the fields named in `paths` (an update mask)."""
+        conversation_id = require_id(conversation_id, "conversation.id")
+        if not paths:
+            raise invalid("update_mask", "name the fields to change: title, archived, settings")
+        unknown = paths - UPDATABLE
+        if unknown:
+            raise invalid("update_mask", f"cannot change {', '.join(sorted(unknown))}")
+        values: dict[str, object] = _settings_columns(settings, paths)
+        if "title" in paths:
+            values["title"] = clean_text(title, "conversation.title", MAX_TITLE, single_line=True) or DEFAULT_TITLE
+        if "archived" in paths:
+            values["archived"] = archived
+        row = await self._store.update_conversation(conversation_id, caller.user_id, **values)
+        if row is None:
+            raise not_found("conversation", conversation_id)
+        await self._audit.record(
+            "rag.conversation.update", resource_type="conversation", resource_id=row.id,
+            metadata={"fields": ",".join(sorted(paths))},
+        )  # fmt: skip
+        return row
+
+    async def delete(self, caller: Caller, conversation_id: str) -> None:
+        """Delete a conversation and its messages."""
+        conversation_id = require_id(conversation_id, "conversation_id")
+        if not await self._store.delete_conversation(conversation_id, caller.user_id):
+            raise not_found("conversation", conversation_id)
+        await self._audit.record("rag.conversation.delete", resource_type="conversation", resource_id=conversation_id)
+
+    async def messages(
+        self, caller: Caller, conversation_id: str, size: int, token: str
+    ) -> tuple[list[MessageRow], str]:
+        """One page of a conversation's messages, most recent first, and the next page token."""
+        row = await self.get(caller, conversation_id)
+        limit = page_size(size, default=50, maximum=200)
+        query = {"conversation": row.id}
+        cursor = decode_page_token(token, query)
+        before = None
+        if cursor is not None:
+            try:
+                before = int(cursor[0])
+            except (ValueError, IndexError, TypeError):
+                raise invalid("page_token", "corrupt cursor") from None
+        page = await self._store.list_messages(row.id, limit, before)
+        return page.rows, _next_token(page, lambda r: [r.seq], query)
+
+
+def _next_token(page: Page, cursor_of, query: dict) -> str:
+    return encode_page_token(cursor_of(page.rows[-1]), query) if page.has_more and page.rows else ""
