@@ -15,7 +15,8 @@ import grpc
 import httpx
 import pytest
 
-from tests.e2e.test_search import create_admin, watch
+from tests.e2e.test_search import watch
+from tests.support.admin import create_admin
 from tests.support.clients import Account, error_reason, json_reason, register_and_login
 from tests.support.fake_llm import Behaviour, FakeChatModel
 from tests.support.mesh import Cluster, Server
