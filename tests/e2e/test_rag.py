@@ -86,6 +86,15 @@ def _messages(rag: rag_pb2_grpc.RagServiceStub, account: Account, conversation_i
     return list(reply.messages)
 
 
+def _ask_fresh(
+    stub: rag_pb2_grpc.RagServiceStub, account: Account, query: str, **fields
+) -> tuple[R.Conversation, R.AskResponse]:
+    """Ask in a new conversation."""
+    conversation = _conversation(stub, account)
+    request = R.AskRequest(conversation_id=conversation.id, query=query, **fields)
+    return conversation, stub.Ask(request, metadata=account.metadata, timeout=60)
+
+
 def _stream_json(http: httpx.Client, account: Account, conversation_id: str, body: dict) -> list[dict]:
     reply = http.post(f"/v1/conversations/{conversation_id}:streamAsk", json=body, headers=account.headers)
     assert reply.status_code == 200, reply.text
@@ -188,10 +197,7 @@ def test_another_users_conversation_is_not_found_for_every_method(
 def test_answer_over_an_indexed_document_cites_its_chunk(
     rag: rag_pb2_grpc.RagServiceStub, knowledge: Knowledge
 ) -> None:
-    conversation = _conversation(rag, knowledge.user)
-    answer = rag.Ask(
-        R.AskRequest(conversation_id=conversation.id, query=QUESTION), metadata=knowledge.user.metadata, timeout=60
-    )
+    conversation, answer = _ask_fresh(rag, knowledge.user, QUESTION)
     assert "metoprolol" in answer.content and "[" in answer.content
     ours = [c for c in answer.citations if c.document_id == knowledge.document_id]
     assert ours and {c.chunk_id for c in ours} <= knowledge.chunk_ids
@@ -211,28 +217,23 @@ def test_answer_over_an_indexed_document_cites_its_chunk(
 def test_question_outside_the_knowledge_base_gets_an_honest_not_found(
     rag: rag_pb2_grpc.RagServiceStub, knowledge: Knowledge
 ) -> None:
-    conversation = _conversation(rag, knowledge.user)
-    answer = rag.Ask(
-        R.AskRequest(conversation_id=conversation.id, query="Which quarks are produced in zqxv gluon fusion jets?"),
-        metadata=knowledge.user.metadata,
-        timeout=60,
-    )
+    _, answer = _ask_fresh(rag, knowledge.user, "Which quarks are produced in zqxv gluon fusion jets?")
     assert "could not find this in the knowledge base" in answer.content
     assert list(answer.citations) == [] and answer.model_used == "extractive"
 
 
 def test_phi_question_is_flagged_and_answered_without_any_model(
-    rag: rag_pb2_grpc.RagServiceStub, knowledge: Knowledge
+    rag: rag_pb2_grpc.RagServiceStub, knowledge: Knowledge, embedded: Cluster
 ) -> None:
-    conversation = _conversation(rag, knowledge.user)
-    answer = rag.Ask(
-        R.AskRequest(conversation_id=conversation.id, query=PHI_QUESTION), metadata=knowledge.user.metadata, timeout=60
-    )
+    conversation, answer = _ask_fresh(rag, knowledge.user, PHI_QUESTION)
     assert answer.phi_detected
     assert {R.PHI_TYPE_NAME, R.PHI_TYPE_MEDICAL_RECORD_NUMBER} <= set(answer.phi_types)
     assert answer.model_used == "extractive" and answer.routing_reason == "phi_present_no_local_model_extractive"
     question = _messages(rag, knowledge.user, conversation.id)[1]
     assert question.phi_detected and R.PHI_TYPE_NAME in question.phi_types
+    # Logs and audit events say what happened, never what was asked.
+    log = embedded.servers[0].log_text()
+    assert "/voiceassist.rag.v1.RagService/Ask" in log and "John Smith" not in log and "4482913" not in log
 
 
 def test_same_client_message_id_gives_one_question_and_one_answer(
@@ -370,17 +371,10 @@ def models(embedded: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         local.stop()
 
 
-def _ask(models: ModelSystem, account: Account, query: str, **fields) -> R.AskResponse:
-    conversation = _conversation(models.stub, account)
-    return models.stub.Ask(
-        R.AskRequest(conversation_id=conversation.id, query=query, **fields), metadata=account.metadata, timeout=60
-    )
-
-
 def test_phi_never_reaches_the_cloud_model(models: ModelSystem, knowledge: Knowledge) -> None:
     for endpoint in (models.cloud, models.local):
         endpoint.reset()
-    answer = _ask(models, knowledge.user, PHI_QUESTION)
+    _, answer = _ask_fresh(models.stub, knowledge.user, PHI_QUESTION)
     assert answer.model_used == "local:small-local" and answer.routing_reason == "phi_present_local_model"
     assert models.cloud.requests == []
     (prompt,) = models.local.prompts()
@@ -391,13 +385,13 @@ def test_phi_never_reaches_the_cloud_model(models: ModelSystem, knowledge: Knowl
     # PHI only in the clinical context: still local. The local model gets the context.
     models.local.reset()
     context = R.ClinicalContext(age=93, notes="Lives with daughter Mary Jones.", medications=["metoprolol"])
-    answer = _ask(models, knowledge.user, QUESTION, clinical_context=context)
+    _, answer = _ask_fresh(models.stub, knowledge.user, QUESTION, clinical_context=context)
     assert answer.phi_detected and answer.model_used == "local:small-local"
     assert models.cloud.requests == [] and "Mary Jones" in models.local.prompts()[0]
 
     # The local model is down: the answer is extractive, and still nothing goes to the cloud.
     models.local.reset(Behaviour(fail_status=503))
-    answer = _ask(models, knowledge.user, PHI_QUESTION)
+    _, answer = _ask_fresh(models.stub, knowledge.user, PHI_QUESTION)
     assert answer.model_used == "extractive" and answer.routing_reason == "phi_present_local_unavailable_extractive"
     assert models.cloud.requests == [] and len(models.local.requests) == 1
     models.local.reset()
@@ -408,7 +402,10 @@ def test_question_without_phi_goes_to_the_cloud_without_clinical_context_or_phi_
 ) -> None:
     for endpoint in (models.cloud, models.local):
         endpoint.reset()
-    conversation = _conversation(models.stub, knowledge.user)
+    settings = R.ConversationSettings(
+        system_prompt="Answer for a cardiology fellow.", answer_style=R.ANSWER_STYLE_DETAILED
+    )
+    conversation = _conversation(models.stub, knowledge.user, settings=settings)
     ask = lambda query, **fields: models.stub.Ask(  # noqa: E731
         R.AskRequest(conversation_id=conversation.id, query=query, **fields), metadata=knowledge.user.metadata,
         timeout=60,
@@ -421,6 +418,7 @@ def test_question_without_phi_goes_to_the_cloud_without_clinical_context_or_phi_
     assert request["model"] == "big-cloud" and request["auth"] == "Bearer sk-test" and request["stream"] is True
     prompt = models.cloud.prompts()[0]
     assert QUESTION in prompt and "metoprolol" in prompt
+    assert "Answer for a cardiology fellow." in prompt and "thorough" in prompt  # the conversation's settings
     assert "John Smith" not in prompt and "4482913" not in prompt and "female" not in prompt
 
     # The cloud is down: the local model takes over.
