@@ -139,6 +139,9 @@ _MONTHS = (
 )
 # A date naming a day or a month: "03/14/1952", "2024-01-05", "March 3rd", "14 Feb", "in March".
 _SPECIFIC_DATE = re.compile(rf"\b\d{{1,4}}[/.-]\d{{1,2}}(?:[/.-]\d{{1,4}})?\b|\b(?:{_MONTHS})\b\.?", re.IGNORECASE)
+# A title or "named" right before (or at the start of) a name: the cue that makes a lower-case transcript's name a
+# name ("mrs okafor", "named robert brown").
+_NAME_CUE = re.compile(r"\b(?:mr|mrs|ms|miss|mx|dr|prof|doctor|named|called|name is)\.?\s+$", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
 
 
@@ -243,7 +246,9 @@ class PhiDetector:
         if result.entity_type in _NER_ENTITIES:
             if _EPONYM_FOLLOWER.match(text[result.end : result.end + 40]):
                 return False
-            if result.recognition_metadata.get("recognizer_name") == "SpacyRecognizer" and _looks_technical(value):
+            from_model = result.recognition_metadata.get("recognizer_name") == "SpacyRecognizer"
+            cued = _NAME_CUE.search(text[: result.start]) or _NAME_CUE.match(value.split(" ", 1)[0] + " ")
+            if from_model and _looks_technical(value) and not cued:
                 return False
             words = [_fold(w) for w in _WORD.findall(value.replace("-", " "))]
             if not words or all(w in self._medical_terms for w in words):

@@ -130,15 +130,29 @@ def ssn_format() -> PatternRecognizer:
     return PatternRecognizer(supported_entity=SSN, name="SsnFormat", patterns=patterns, context=["ssn", "social"])
 
 
+# Words that follow a title or "named" without being a name: "the doctor said", "dr on call", "named in the chart".
+_NOT_A_NAME = (
+    r"(?!(?:is|was|has|had|and|or|but|the|a|an|to|of|in|on|at|for|with|by|from|said|says|says|will|would|should|"
+    r"can|could|may|might|who|that|this|it|he|she|they|we|you|i|me|him|her|them|his|their|our|your|on-call|call|"
+    r"visit|office|note|notes|today|yesterday|tomorrow)\b)"
+)
+
+
 def name_after_title() -> PatternRecognizer:
-    """Capitalised words after a title or an introduction ("Mrs. Okafor", "my name is Ludmiła"): the small spaCy
-    model misses many names that are not English."""
-    name = r"[A-Z][\w'\u2019-]+(?:\s+[A-Z]\.?)?(?:\s+[A-Z][\w'\u2019-]+)?"
+    """Words after a title or an introduction ("Mrs. Okafor", "my name is Ludmiła"): the small spaCy model misses
+    many names that are not English, and every name in a lower-case speech transcript ("mrs okafor", "named robert
+    brown"), where a title or "named" is the only cue there is."""
+    capitalised = r"[A-Z][\w'\u2019-]+(?:\s+[A-Z]\.?)?(?:\s+[A-Z][\w'\u2019-]+)?"
+    lower = rf"{_NOT_A_NAME}[a-z][\w'\u2019-]+(?:\s+{_NOT_A_NAME}[a-z][\w'\u2019-]+)?"
+    title = r"(?i:mr|mrs|ms|miss|mx|dr|prof|doctor)\.?\s+"
+    introduction = r"(?i:my name is|name is|named|name:|called)\s+"
     patterns = [
-        Pattern("name after title", rf"(?<=\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?\s+){name}", 0.6),
-        Pattern("name after introduction", rf"(?<=\b(?i:my name is|name is|named|name:|called)\s+){name}", 0.6),
+        Pattern("name after title", rf"(?<=\b{title}){capitalised}", 0.6),
+        Pattern("name after introduction", rf"(?<=\b{introduction}){capitalised}", 0.6),
+        Pattern("lower-case name after title", rf"(?<=\b{title}){lower}", 0.5),
+        Pattern("lower-case name after introduction", rf"(?<=\b{introduction}){lower}", 0.5),
     ]
-    flags = re.DOTALL | re.MULTILINE  # case-sensitive: a name starts with a capital
+    flags = re.DOTALL | re.MULTILINE  # case-sensitive name patterns; the cues carry their own (?i:)
     return PatternRecognizer(
         supported_entity="PERSON", name="NameAfterTitle", patterns=patterns, global_regex_flags=flags
     )

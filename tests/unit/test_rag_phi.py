@@ -102,3 +102,11 @@ async def test_scanner_runs_off_the_loop_and_bounds_input(detector: PhiDetector)
             await scanner.scan("x" * 101)
     finally:
         scanner.close()
+
+
+def test_lower_case_transcripts_flag_names_after_a_title_or_named(detector: PhiDetector) -> None:
+    for text, name in (("mrs okafor is ninety one years old", "okafor"), ("patient named robert brown with copd",
+                       "robert brown")):  # fmt: skip
+        names = [text[e.start : e.end] for e in detector.scan(text).entities if e.type is PhiType.NAME]
+        assert any(name in n for n in names), (text, names)
+    assert not detector.scan("the doctor said to start metoprolol; dr on call says give ativan").detected
