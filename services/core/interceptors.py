@@ -101,7 +101,7 @@ class RequestContextInterceptor(AroundInterceptor):
             return False
         return any(address in network for network in self._trusted)
 
-    async def _begin(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> str:
         md = _metadata(context)
         rid = md.get("x-request-id", "")[:128] or uuid.uuid4().hex
         set_request(
@@ -112,16 +112,25 @@ class RequestContextInterceptor(AroundInterceptor):
                 user_agent=md.get("user-agent", "")[:512],
             )
         )
-        await context.send_initial_metadata((("x-request-id", rid),))
+        return rid
 
     async def around_unary(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> Any:
-        await self._begin(method, context)
+        await context.send_initial_metadata((("x-request-id", self._begin(method, context)),))
         return await invoke()
 
     async def around_stream(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> AsyncIterator[Any]:
-        await self._begin(method, context)
+        # Headers go out with the first message, not before: a stream that fails before its first message then
+        # ends as a trailers-only error, which Envoy turns into the matching HTTP status for JSON clients (headers
+        # sent early would commit a 200). Errors carry x-request-id in their trailers (ErrorInterceptor).
+        headers = (("x-request-id", self._begin(method, context)),)
+        sent = False
         async for item in invoke():
+            if not sent:
+                await context.send_initial_metadata(headers)
+                sent = True
             yield item
+        if not sent:
+            await context.send_initial_metadata(headers)
 
 
 def _peer_ip(peer: str | None) -> str:
@@ -231,7 +240,9 @@ class ErrorInterceptor(AroundInterceptor):
                 f"internal error; request id {request_id()}",
                 metadata={"request_id": request_id()},
             )
-        await context.abort_with_status(rich_status(error, self._domain_of(method)))
+        status = rich_status(error, self._domain_of(method))
+        trailers = (*status.trailing_metadata, ("x-request-id", request_id()))
+        await context.abort_with_status(status._replace(trailing_metadata=trailers))
 
     async def around_unary(self, method: str, context: grpc.aio.ServicerContext, invoke: Invoke) -> Any:
         try:

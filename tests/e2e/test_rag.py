@@ -291,8 +291,8 @@ def test_bad_questions_are_client_errors(edge_http: httpx.Client, rag, knowledge
     assert edge_http.post(ask, json={"query": "ok?"}).status_code == 401
     stream = edge_http.post(f"/v1/conversations/{uuid.uuid4()}:streamAsk", json={"query": "ok?"},
                             headers=knowledge.user.headers)  # fmt: skip
-    # The server sends its headers (x-request-id) before a stream's first message, so Envoy has already answered
-    # 200 when the error comes: the body is the google.rpc.Status instead of an array.
+    # An error before the stream's first message is a real HTTP error for JSON clients.
+    assert stream.status_code == 404
     assert stream.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0] and json_reason(stream.json()) == "NOT_FOUND"
 
 

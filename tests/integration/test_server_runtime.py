@@ -66,6 +66,7 @@ async def test_crash_becomes_internal_with_request_id_and_no_leak(server: str) -
     assert "rid-crash" in caught.value.details()
     assert "hunter2" not in caught.value.details() and "RuntimeError" not in caught.value.details()
     assert error_reason(caught.value) == "INTERNAL"
+    assert ("x-request-id", "rid-crash") in tuple(caught.value.trailing_metadata())
     # the server keeps serving
     assert (await _call(server, "fine")).score == 1
 
