@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass
 
 from services.core.db import utcnow
@@ -48,7 +48,8 @@ class ProgressBoard:
     """Wakes WatchDocument streams in this process as soon as a document changes (others poll the row)."""
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._events: dict[str, asyncio.Event] = {}
+        self._waiting: Counter[str] = Counter()
 
     def changed(self, document_id: str) -> None:
         """Wake every watcher of the document."""
@@ -58,10 +59,19 @@ class ProgressBoard:
 
     async def wait(self, document_id: str, seconds: float) -> None:
         """Until the document changes here, or `seconds` pass."""
-        event = self._events[document_id]
-        with contextlib.suppress(TimeoutError):
+        event = self._events.setdefault(document_id, asyncio.Event())
+        self._waiting[document_id] += 1
+        try:
             async with asyncio.timeout(seconds):
                 await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting[document_id] -= 1
+            if self._waiting[document_id] <= 0:  # the last watcher leaves: forget the document
+                del self._waiting[document_id]
+                if self._events.get(document_id) is event:
+                    del self._events[document_id]
 
 
 def embedding_text(title: str, chunk: Chunk) -> str:

@@ -159,18 +159,18 @@ class KnowledgeBase:
     async def _enqueue(self, row: DocumentRow, *, undo_on_failure: bool) -> None:
         try:
             await self._queue.put(Job(row.id, row.generation))
+            return
         except QueueFull:
-            if undo_on_failure:
-                await self._store.delete(row.id)
-            raise ServiceError(
+            error = ServiceError(
                 Reason.RATE_LIMITED, "the indexing queue is full; try again later", retry_after_seconds=30.0
-            ) from None
+            )
         except Exception:
-            if undo_on_failure:
-                await self._store.delete(row.id)
-            raise ServiceError(
+            error = ServiceError(
                 Reason.BACKEND_UNAVAILABLE, "the indexing queue is unavailable; try again", retry_after_seconds=2.0
-            ) from None
+            )
+        if undo_on_failure:  # a document nobody will index must not block its own re-upload as a duplicate
+            await self._store.delete(row.id)
+        raise error
 
     async def get(self, document_id: str) -> DocumentRow:
         """One document; NOT_FOUND when it does not exist."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from datetime import datetime
@@ -22,7 +23,7 @@ from services.search.embeddings import Embedder
 from services.search.index import Mode, VectorIndex
 from services.search.indexing import Indexer, IndexingWorkers, PipelineLimits, ProgressBoard
 from services.search.jobs import Job, JobQueue, MemoryJobQueue, RedisJobQueue
-from services.search.knowledge import KnowledgeBase, Metadata, normalise_label
+from services.search.knowledge import KnowledgeBase, Metadata, clean_metadata, normalise_label
 from services.search.retrieval import Retriever, clean_filter
 from services.search.server_index import ServerIndex
 from services.search.settings import MIB, SearchSettings, search_settings
@@ -98,9 +99,20 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._kb = kb
         self._retriever = retriever
         self._settings = settings
+        self._upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
 
     async def UploadDocument(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = require_role("admin")
+        if self._upload_slots.locked():
+            raise ServiceError(
+                Reason.RATE_LIMITED, "too many uploads in progress; try again shortly", retry_after_seconds=5.0
+            )
+        async with self._upload_slots:
+            row = await self._kb.add(caller, *await self._receive(request_iterator))
+        return search_pb2.UploadDocumentResponse(document=document_message(row))
+
+    async def _receive(self, request_iterator) -> tuple[Metadata, bytes]:
+        """The metadata and bytes of an upload stream, within the size limits."""
         metadata: search_pb2.DocumentMetadata | None = None
         data = bytearray()
         async for message in request_iterator:
@@ -109,6 +121,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 if kind != "metadata":
                     raise invalid("metadata", "the first message must carry the metadata")
                 metadata = message.metadata
+                clean_metadata(_metadata(metadata))  # refuse a bad media type before megabytes arrive
                 continue
             if kind != "chunk":
                 raise invalid("metadata", "only the first message may carry metadata")
@@ -119,8 +132,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 raise _too_large("the upload", self._settings.max_upload_bytes)
         if metadata is None:
             raise invalid("metadata", "the stream was empty")
-        row = await self._kb.add(caller, _metadata(metadata), bytes(data))
-        return search_pb2.UploadDocumentResponse(document=document_message(row))
+        return _metadata(metadata), bytes(data)
 
     async def CreateDocument(self, request: search_pb2.CreateDocumentRequest, context):
         caller = require_role("admin")
@@ -237,6 +249,7 @@ async def build(runtime: Runtime) -> Hosted:
     index = _vector_index(runtime, settings)
     await index.open()
     embedder = Embedder(settings.embed_threads, settings.embed_batch_size)
+    query_embedder = Embedder(settings.query_embed_threads, batch_size=1)
     encoder = Bm25Encoder(settings.bm25_k, settings.bm25_b, settings.bm25_avg_len)
     queue = _job_queue(runtime, settings)
     board = ProgressBoard()
@@ -250,7 +263,7 @@ async def build(runtime: Runtime) -> Hosted:
         store, index, queue, board, runtime.audit("search"), watch_poll_seconds=settings.watch_poll_seconds
     )
     retriever = Retriever(
-        index, embedder, encoder, prefetch=settings.prefetch_limit, rrf_k=settings.rrf_k,
+        index, query_embedder, encoder, prefetch=settings.prefetch_limit, rrf_k=settings.rrf_k,
         snippet_chars=settings.snippet_chars,
     )  # fmt: skip
     if isinstance(queue, MemoryJobQueue):

@@ -18,6 +18,9 @@ class SearchSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SEARCH_", env_file=".env", extra="ignore", frozen=True)
 
     max_upload_bytes: int = Field(50_000_000, description="Largest file UploadDocument accepts (all chunks).")
+    max_concurrent_uploads: int = Field(
+        8, description="UploadDocument streams buffered at once per process (memory bound: this x max_upload_bytes)."
+    )
     max_create_bytes: int = Field(5_000_000, description="Largest document CreateDocument accepts (text or bytes).")
     max_pages: int = Field(5000, description="PDFs with more pages fail instead of tying up a worker.")
     max_chunks: int = Field(20_000, description="Documents that split into more chunks fail (about 5M words).")
@@ -28,7 +31,12 @@ class SearchSettings(ServiceSettings):
         40, description="Tokens of trailing sentences repeated at the next chunk's start."
     )
     embed_batch_size: int = Field(16, description="Chunks per embedding call (and per index upsert).")
-    embed_threads: int = Field(0, description="onnxruntime intra-op threads; 0 = one per core.")
+    embed_threads: int = Field(0, description="onnxruntime intra-op threads for indexing; 0 = one per core.")
+    query_embed_threads: int = Field(
+        1,
+        description="onnxruntime intra-op threads of the query model (a second session, so a search never waits "
+        "for an indexing batch); one thread keeps latency steady on a busy machine.",
+    )
     bm25_k: float = Field(1.2, description="BM25 term-frequency saturation.")
     bm25_b: float = Field(0.75, description="BM25 length normalisation (0 = none, 1 = full).")
     bm25_avg_len: float = Field(

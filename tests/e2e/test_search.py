@@ -5,7 +5,11 @@ mesh path (PostgreSQL, Redis stream) including a worker crash in the middle of a
 from __future__ import annotations
 
 import base64
+import json
+import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +17,7 @@ import grpc
 import httpx
 import pytest
 
+from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import (
     Account,
@@ -25,7 +30,6 @@ from tests.support.pdfs import encrypt_pdf, make_pdf
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 
 S = search_pb2
-FINAL = (S.DOCUMENT_STATUS_INDEXED, S.DOCUMENT_STATUS_FAILED)
 
 
 def upload(stub: search_pb2_grpc.SearchServiceStub, admin: Account, meta: S.DocumentMetadata, data: bytes, piece: int):
@@ -120,7 +124,8 @@ def test_pdf_by_stream_and_markdown_as_json_are_indexed_and_found_with_pages_and
     assert streamed.status_code == 200
     assert streamed.json()[-1]["document"]["status"] == "DOCUMENT_STATUS_INDEXED"
 
-    found = edge_http.post("/v1/search", json={"query": f"colchicine {word}", "limit": 5}, headers=user.headers)
+    query = {"query": f"colchicine for gout flares {word}", "limit": 5}
+    found = edge_http.post("/v1/search", json=query, headers=user.headers)
     assert found.status_code == 200, found.text
     top = found.json()["results"][0]
     assert top["documentId"] == pdf_doc.id and top["title"] == "Rheumatology handbook" and top["page"] == 2
@@ -384,3 +389,46 @@ def test_mesh_upload_and_search_through_envoy(mesh: Cluster, mesh_http: httpx.Cl
     assert final.document.status == S.DOCUMENT_STATUS_INDEXED
     found = mesh_http.post("/v1/search", json={"query": f"lithium {word}"}, headers=admin.headers).json()
     assert found["results"][0]["documentId"] == final.document.id
+
+
+def test_cli_ingests_a_folder_and_searches_it_through_envoy(
+    embedded: Cluster, accounts: tuple[Account, Account], tmp_path
+) -> None:
+    admin, user = accounts
+    assert embedded.envoy is not None
+    word = marker()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "asthma.md").write_text(f"# Asthma\n\nSalbutamol relieves bronchospasm {word}.\n")
+    (tmp_path / "notes" / "ignored.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "gout.pdf").write_bytes(make_pdf([["Page one."], [f"Colchicine for gout {word}."]]))
+    base = {**os.environ, "VOICEASSIST_SERVER": embedded.envoy.address}
+
+    def cli(*args: str, token: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", "kb", *args],
+            cwd=ROOT,
+            env={**base, "VOICEASSIST_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    ingested = cli(
+        "ingest",
+        str(tmp_path / "notes"),
+        str(tmp_path / "gout.pdf"),
+        "--specialty",
+        "respiratory",
+        token=admin.access_token,
+    )
+    assert ingested.returncode == 0, ingested.stderr
+    assert "2 uploaded, 0 already present, 0 refused" in ingested.stdout
+    again = cli("ingest", str(tmp_path / "gout.pdf"), "--no-wait", token=admin.access_token)
+    assert "0 uploaded, 1 already present" in again.stdout
+    denied = cli("ingest", str(tmp_path / "notes"), "--no-wait", token=user.access_token)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+
+    found = cli("search", f"colchicine {word}", "--json", "--specialty", "respiratory", token=user.access_token)
+    assert found.returncode == 0, found.stderr
+    results = json.loads(found.stdout)["results"]
+    assert results[0]["page"] == 2 and word in results[0]["snippet"]
