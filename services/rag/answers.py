@@ -25,7 +25,7 @@ from services.core.errors import Reason, ServiceError, invalid, not_found
 from services.rag.chat_client import ChatClient, ModelStreamBroken, ModelUnavailable
 from services.rag.conversations import Conversations, clean_specialty, clean_text, settings_of
 from services.rag.extractive import ExtractiveGenerator
-from services.rag.phi import PhiScanner, PhiType
+from services.rag.phi import PhiScanner, PhiType, names_checkable
 from services.rag.prompts import AnswerStyle, ClinicalContext, PromptInput, Turn, build_messages
 from services.rag.retrieval import Passage, RetrievalFailed, Retriever
 from services.rag.routing import ModelKind, Route, plan_routes
@@ -343,7 +343,12 @@ class AnswerService:
 
         settings = settings_of(conversation)
         cloud, local = ModelKind.CLOUD in self._writers, ModelKind.LOCAL in self._writers
-        routes = plan_routes(phi, cloud, local) if passages else [Route(ModelKind.EXTRACTIVE, "no_passages_found")]
+        checkable = names_checkable(question.query)
+        routes = (
+            plan_routes(phi, cloud, local, checkable)
+            if passages
+            else [Route(ModelKind.EXTRACTIVE, "no_passages_found")]
+        )
         history = await self._store.recent_messages(conversation.id, self._history_turns, run.row.seq)
 
         generation_started = time.perf_counter()
@@ -467,9 +472,9 @@ def _prompt_for(
     history: list[MessageRow],
 ) -> PromptInput:
     """The prompt a model of `kind` may see. The cloud model never gets the clinical context (PHI by nature) nor
-    earlier turns that held PHI; the extractive generator needs no history."""
+    earlier turns that held PHI or could hide names; the extractive generator needs no history."""
     if kind is ModelKind.CLOUD:
-        history = [m for m in history if not m.phi_detected]
+        history = [m for m in history if not m.phi_detected and names_checkable(m.content)]
     turns = [] if kind is ModelKind.EXTRACTIVE else [Turn(m.role, m.content) for m in history]
     return PromptInput(
         query=question.query,

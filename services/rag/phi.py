@@ -277,6 +277,13 @@ class PhiScanner:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def names_checkable(text: str) -> bool:
+    """False when `text` could hide a name the detector cannot see: three or more words and not one capital letter
+    (speech transcripts arrive lower-case, and the name model relies on capitals: "john smith" is invisible to it).
+    Names after a cue ("mrs okafor", "named robert") are still found in such text, bare names are not."""
+    return any(ch.isupper() for ch in text) or len(_WORD.findall(text)) < 3
+
+
 def _looks_technical(value: str) -> bool:
     """Gene, protein and lab names the small model takes for people or places ("RUNX1", "PP2A", "H3K79me2"), and
     lower-case phrases ("modulating adiponectin"): a name has a capital and no word mixing letters and digits."""

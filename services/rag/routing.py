@@ -23,16 +23,22 @@ class Route:
     reason: str
 
 
-def plan_routes(phi_present: bool, cloud_configured: bool, local_configured: bool) -> list[Route]:
+def plan_routes(
+    phi_present: bool, cloud_configured: bool, local_configured: bool, names_checkable: bool = True
+) -> list[Route]:
     """The models to try, in order: the first is the rule's choice, the rest are fallbacks for when it cannot start
-    an answer. The extractive generator always ends the list (it needs nothing and cannot be down)."""
-    if phi_present:
+    an answer. The extractive generator always ends the list (it needs nothing and cannot be down).
+
+    `names_checkable` is False for text the detector cannot clear of names (a lower-case speech transcript: the
+    name model needs capitals). Such a question is kept from the cloud as if it held PHI, under its own reason."""
+    if phi_present or not names_checkable:
+        rule = "phi_present" if phi_present else "names_unverifiable"
         if local_configured:
             return [
-                Route(ModelKind.LOCAL, "phi_present_local_model"),
-                Route(ModelKind.EXTRACTIVE, "phi_present_local_unavailable_extractive"),
+                Route(ModelKind.LOCAL, f"{rule}_local_model"),
+                Route(ModelKind.EXTRACTIVE, f"{rule}_local_unavailable_extractive"),
             ]
-        return [Route(ModelKind.EXTRACTIVE, "phi_present_no_local_model_extractive")]
+        return [Route(ModelKind.EXTRACTIVE, f"{rule}_no_local_model_extractive")]
     routes = []
     if cloud_configured:
         routes.append(Route(ModelKind.CLOUD, "no_phi_cloud_model"))

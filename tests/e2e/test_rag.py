@@ -421,6 +421,15 @@ def test_question_without_phi_goes_to_the_cloud_without_clinical_context_or_phi_
     assert "Answer for a cardiology fellow." in prompt and "thorough" in prompt  # the conversation's settings
     assert "John Smith" not in prompt and "4482913" not in prompt and "female" not in prompt
 
+    # A lower-case transcript could hide a bare name the detector cannot see: never to the cloud.
+    models.cloud.reset()
+    models.local.reset()
+    answer = ask("does metoprolol help john smith with rate control")
+    assert answer.model_used == "local:small-local" and answer.routing_reason == "names_unverifiable_local_model"
+    assert models.cloud.requests == []
+    answer = ask("How does metoprolol help rate control?")  # cased again: cloud, without the unverifiable turn
+    assert answer.model_used == "cloud:big-cloud" and "john smith" not in models.cloud.prompts()[0]
+
     # The cloud is down: the local model takes over.
     models.cloud.reset(Behaviour(fail_status=503))
     models.local.reset()

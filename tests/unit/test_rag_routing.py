@@ -26,3 +26,19 @@ def test_without_phi_cloud_then_local_then_extractive() -> None:
     ]  # fmt: skip
     assert plan_routes(False, False, True)[0].reason == "no_phi_no_cloud_local_model"
     assert [r.reason for r in plan_routes(False, False, False)] == ["no_phi_no_model_extractive"]
+
+
+@pytest.mark.parametrize(("cloud", "local"), list(itertools.product([False, True], repeat=2)))
+def test_text_that_could_hide_names_never_routes_to_the_cloud(cloud: bool, local: bool) -> None:
+    routes = plan_routes(phi_present=False, cloud_configured=cloud, local_configured=local, names_checkable=False)
+    assert ModelKind.CLOUD not in [r.kind for r in routes]
+    assert all(r.reason.startswith("names_unverifiable") for r in routes)
+
+
+def test_lower_case_transcripts_are_not_name_checkable() -> None:
+    from services.rag.phi import names_checkable
+
+    assert not names_checkable("john smith has chest pain what should i give him")
+    assert names_checkable("John Smith has chest pain")
+    assert names_checkable("What is the dose of Ativan?")
+    assert names_checkable("ok thanks")  # too short to hide a name
