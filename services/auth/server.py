@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,7 @@ from services.core import registry
 from services.core.context import current_caller, current_request, require_role
 from services.core.db import Database
 from services.core.errors import invalid
-from services.core.pagination import decode_page_token, encode_page_token, page_size
+from services.core.pagination import decode_time_cursor, encode_time_cursor, page_size
 from services.core.ratelimit import Limit
 from services.core.runtime import Runtime
 from services.core.server import Hosted
@@ -119,18 +119,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         role = _ROLE_FROM_PROTO.get(request.role) if request.role else None
         active = request.active if request.HasField("active") else None
         query = {"role": role, "active": active}
-        cursor = decode_page_token(request.page_token, query)
-        after = None
-        if cursor is not None:
-            try:
-                after = (datetime.fromisoformat(cursor[0]), str(cursor[1]))
-            except (ValueError, IndexError):
-                raise invalid("page_token", "corrupt cursor") from None
+        after = decode_time_cursor(request.page_token, query)
         page = await self._accounts.list_users(size, after, role, active)
         token = ""
         if page.has_more and page.users:
-            last = page.users[-1]
-            token = encode_page_token([last.created_at.isoformat(), last.id], query)
+            token = encode_time_cursor(page.users[-1].created_at, page.users[-1].id, query)
         return auth_pb2.ListUsersResponse(users=[user_message(u) for u in page.users], next_page_token=token)
 
     async def UpdateUser(self, request: auth_pb2.UpdateUserRequest, context):

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+from datetime import datetime
 from typing import Any
 
 from services.core.errors import Reason, ServiceError, invalid
@@ -46,3 +47,19 @@ def decode_page_token(token: str, query: dict[str, Any], field: str = "page_toke
     if fingerprint != _fingerprint(query) or not isinstance(cursor, list):
         raise ServiceError(Reason.INVALID_PAGE_TOKEN, f"{field} was issued for a different query")
     return cursor
+
+
+def encode_time_cursor(moment: datetime, ident: str, query: dict[str, Any]) -> str:
+    """A page token after the row sorted by (`moment`, `ident`): the keyset of most list methods."""
+    return encode_page_token([moment.isoformat(), ident], query)
+
+
+def decode_time_cursor(token: str, query: dict[str, Any], field: str = "page_token") -> tuple[datetime, str] | None:
+    """The (moment, id) keyset in a token from `encode_time_cursor`; None for the first page."""
+    cursor = decode_page_token(token, query, field)
+    if cursor is None:
+        return None
+    try:
+        return datetime.fromisoformat(cursor[0]), str(cursor[1])
+    except (ValueError, IndexError, TypeError):
+        raise ServiceError(Reason.INVALID_PAGE_TOKEN, f"{field} is not a token this API issued") from None

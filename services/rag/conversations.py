@@ -9,14 +9,19 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 from services.core.audit_client import AuditClient
 from services.core.context import Caller
-from services.core.errors import invalid, not_found
-from services.core.pagination import decode_page_token, encode_page_token, page_size
+from services.core.errors import Reason, ServiceError, invalid, not_found
+from services.core.pagination import (
+    decode_page_token,
+    decode_time_cursor,
+    encode_page_token,
+    encode_time_cursor,
+    page_size,
+)
 from services.rag.prompts import AnswerStyle
-from services.rag.store import ConversationRow, MessageRow, Page, RagStore
+from services.rag.store import ConversationRow, MessageRow, RagStore
 
 DEFAULT_TITLE = "New conversation"
 MAX_TITLE = 200
@@ -113,15 +118,10 @@ class Conversations:
         """One page of the caller's conversations, most recently updated first, and the next page token."""
         limit = page_size(size, default=20, maximum=100)
         query = {"owner": caller.user_id, "archived": include_archived}
-        cursor = decode_page_token(token, query)
-        after = None
-        if cursor is not None:
-            try:
-                after = (datetime.fromisoformat(cursor[0]), str(cursor[1]))
-            except (ValueError, IndexError, TypeError):
-                raise invalid("page_token", "corrupt cursor") from None
+        after = decode_time_cursor(token, query)
         page = await self._store.list_conversations(caller.user_id, limit, after, include_archived)
-        return page.rows, _next_token(page, lambda r: [r.updated_at.isoformat(), r.id], query)
+        last = page.rows[-1] if page.has_more and page.rows else None
+        return page.rows, encode_time_cursor(last.updated_at, last.id, query) if last else ""
 
     async def update(
         self,
@@ -171,13 +171,9 @@ class Conversations:
         cursor = decode_page_token(token, query)
         before = None
         if cursor is not None:
-            try:
-                before = int(cursor[0])
-            except (ValueError, IndexError, TypeError):
-                raise invalid("page_token", "corrupt cursor") from None
+            if not cursor or not isinstance(cursor[0], int):
+                raise ServiceError(Reason.INVALID_PAGE_TOKEN, "page_token is not a token this API issued")
+            before = cursor[0]
         page = await self._store.list_messages(row.id, limit, before)
-        return page.rows, _next_token(page, lambda r: [r.seq], query)
-
-
-def _next_token(page: Page, cursor_of, query: dict) -> str:
-    return encode_page_token(cursor_of(page.rows[-1]), query) if page.has_more and page.rows else ""
+        last = page.rows[-1] if page.has_more and page.rows else None
+        return page.rows, encode_page_token([last.seq], query) if last else ""

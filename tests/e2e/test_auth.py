@@ -29,7 +29,8 @@ from tests.support.clients import (
     register_and_login,
     unique_email,
 )
-from tests.support.mesh import Cluster, free_port
+from tests.support.mesh import Cluster, drop_schemas, free_port
+from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
 pytestmark = pytest.mark.mesh
@@ -194,6 +195,7 @@ def test_user_cannot_call_admin_rpcs_and_deactivation_kills_tokens(mesh: Cluster
     assert denied.status_code == 403
 
     admin_headers = {"authorization": f"Bearer {admin['accessToken']}"}
+    _register(mesh_http, unique_email("third"))  # at least three accounts, so two pages of two
     listed = mesh_http.get("/v1/users", params={"pageSize": 2}, headers=admin_headers).json()
     assert len(listed["users"]) == 2 and listed["nextPageToken"]
     following = mesh_http.get("/v1/users", params={"pageSize": 2, "pageToken": listed["nextPageToken"]},
@@ -233,38 +235,79 @@ def test_login_rate_limit_holds_across_two_auth_processes(workdir: Path) -> None
         cluster.stop()
 
 
-def test_login_fails_open_without_redis_and_closed_when_configured(workdir: Path) -> None:
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+def _redis_server(port: int) -> subprocess.Popen:
+    """A throw-away Redis (no persistence: a restart comes back empty, without the audit stream or its group)."""
+    return subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
+
+
+def test_login_fails_open_without_redis_and_closed_when_configured(workdir: Path) -> None:
+    redis_port = free_port()
+    redis = _redis_server(redis_port)
     cluster = Cluster.create(workdir, mesh=True, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
     try:
         open_server = cluster.start("auth")
         closed_server = cluster.start("auth", AUTH_FAIL_CLOSED="true")
+        cluster.point_at("auth", open_server)
+        audit = cluster.start("audit")
         with grpc.insecure_channel(open_server.address) as channel:
             account = register_and_login(channel)
         redis.terminate()
         redis.wait(10)
+        login_id, check_id = f"outage-login-{uuid.uuid4().hex}", f"outage-me-{uuid.uuid4().hex}"
         with grpc.insecure_channel(open_server.address) as channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
-            reply = stub.Login(auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30)
+            reply = stub.Login(auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30,
+                               metadata=(("x-request-id", login_id),))  # fmt: skip
             assert reply.access_token
             # The token still verifies (revocation list unreachable: fail-open, audited).
-            stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=bearer(reply.access_token), timeout=10)
-        log = open_server.log_text()
-        assert '"action": "auth.login.success"' in log and "auth.revocation.unavailable" in log
+            stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), timeout=10,
+                                metadata=(*bearer(reply.access_token), ("x-request-id", check_id)))  # fmt: skip
+        # The audit events cannot reach the stream: the auth process keeps them and says so.
+        assert "audit transport unavailable; buffering events locally" in open_server.log_text()
         with grpc.insecure_channel(closed_server.address) as channel, pytest.raises(grpc.RpcError) as caught:
             auth_pb2_grpc.AuthServiceStub(channel).Login(
                 auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30
             )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_reason(caught.value) == "BACKEND_UNAVAILABLE"
+
+        # Redis is back, empty: the buffered events are flushed and committed to the ledger.
+        redis = _redis_server(redis_port)
+        actions = _poll_ledger(cluster, (login_id, check_id), want=2)
+        assert actions == {login_id: ["auth.login.success"], check_id: ["auth.revocation.unavailable"]}
+        with grpc.insecure_channel(audit.address) as channel:
+            [event] = audit_pb2_grpc.AuditServiceStub(channel).ListEvents(
+                audit_pb2.ListEventsRequest(filter=audit_pb2.EventFilter(request_id=login_id)),
+                metadata=bearer(reply.access_token), timeout=10,
+            ).events  # fmt: skip
+        assert event.action == "auth.login.success" and event.actor.id == account.user_id
+        assert "buffered audit events flushed" in open_server.log_text()
     finally:
         cluster.stop()
         if redis.poll() is None:
             redis.kill()
+        drop_schemas(cluster.env["DATABASE_SCHEMA_PREFIX"])
+
+
+def _poll_ledger(cluster: Cluster, request_ids: tuple[str, ...], want: int) -> dict[str, list[str]]:
+    """The actions the audit ledger holds for these request ids, once it holds `want` of them."""
+    schema = cluster.env["DATABASE_SCHEMA_PREFIX"] + "audit"
+    ids = ",".join(f"'{r}'" for r in request_ids)
+    query = f'SELECT request_id, action FROM "{schema}".ledger WHERE request_id IN ({ids}) ORDER BY sequence'  # noqa: S608
+    deadline = time.monotonic() + 60
+    while True:
+        out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-tA", "-F", " ", "-c", query],
+                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        rows = [line.split(" ", 1) for line in out.splitlines() if line]
+        if len(rows) >= want or time.monotonic() > deadline:
+            found: dict[str, list[str]] = {}
+            for request_id, action in rows:
+                found.setdefault(request_id, []).append(action)
+            return found
+        time.sleep(0.2)
 
 
 def test_expired_access_token_is_token_expired(workdir: Path) -> None:
