@@ -12,6 +12,7 @@ import click
 
 from services import envoy_config, launcher
 from services.audit import server as audit_server
+from services.audit.cli import audit as audit_group
 from services.auth import server as auth_server
 from services.core import registry
 from services.core.errors import ServiceError
@@ -176,6 +177,7 @@ Press Ctrl-C to stop."""
     )
 
 
+main.add_command(audit_group)
 main.add_command(kb_group)
 
 if __name__ == "__main__":

@@ -172,7 +172,12 @@ def _access_log(path: str) -> list[dict[str, Any]]:
     ]
 
 
-def _routes(streaming: list[str]) -> list[dict[str, Any]]:
+# JSON paths of server streams that reach JSON clients as newline-delimited JSON (their contracts say so): a
+# route-level transcoder config for the JSON request. Every other server stream arrives as one JSON array.
+NDJSON_STREAMS = ("/v1/audit/events:export",)
+
+
+def _routes(streaming: list[str], ndjson_transcoder: dict[str, Any]) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     by_service = {s.grpc_service: s for s in registry.SERVICES if s.public}
     # Streams live as long as the conversation: no route timeout, only the stream idle timeout.
@@ -190,6 +195,15 @@ def _routes(streaming: list[str]) -> list[dict[str, Any]]:
     first = registry.SERVICES[0].name
     routes.append({"match": {"prefix": "/grpc.health.v1.Health/"}, "route": {"cluster": first, "timeout": "10s"}})
     routes.append({"match": {"prefix": "/grpc.reflection."}, "route": {"cluster": first, "timeout": "0s"}})
+    # The transcoder reads its per-route config on the JSON path, then re-routes on the gRPC path it made.
+    for path in NDJSON_STREAMS:
+        routes.append(
+            {
+                "match": {"path": path},
+                "route": {"cluster": first, "timeout": "0s"},
+                "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": ndjson_transcoder},
+            }
+        )
     # JSON paths (/v1/...) match no route until the transcoder has turned them into gRPC paths; this catch-all
     # lets the CORS filter, which runs first, find the virtual host's policy and answer preflights (it skips
     # direct-response routes, so this one routes). Unknown JSON paths never get here (the transcoder answers
@@ -311,18 +325,20 @@ def _jwks_cluster(target: EnvoyTarget) -> dict[str, Any]:
 def render(target: EnvoyTarget, descriptor: Path = DESCRIPTOR) -> str:
     """The Envoy bootstrap YAML for `target`."""
     public = [s for s in registry.SERVICES if s.public]
-    transcoder = {
-        "name": "envoy.filters.http.grpc_json_transcoder",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            "proto_descriptor": target.descriptor_path,
-            "services": [s.grpc_service for s in public],
-            "convert_grpc_status": True,
-            "print_options": {"always_print_primitive_fields": True, "always_print_enums_as_ints": False},
-            "request_validation_options": {"reject_unknown_method": True, "reject_unknown_query_parameters": True},
-            "max_request_body_size": 8 * 1024 * 1024,
-            "max_response_body_size": 16 * 1024 * 1024,
-        },
+    transcoder_config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        "proto_descriptor": target.descriptor_path,
+        "services": [s.grpc_service for s in public],
+        "convert_grpc_status": True,
+        "print_options": {"always_print_primitive_fields": True, "always_print_enums_as_ints": False},
+        "request_validation_options": {"reject_unknown_method": True, "reject_unknown_query_parameters": True},
+        "max_request_body_size": 8 * 1024 * 1024,
+        "max_response_body_size": 16 * 1024 * 1024,
+    }
+    transcoder = {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder_config}
+    ndjson_transcoder = {
+        **transcoder_config,
+        "print_options": {**transcoder_config["print_options"], "stream_newline_delimited": True},
     }
     hcm = {
         "@type": f"{_HCM}.HttpConnectionManager",
@@ -343,7 +359,7 @@ def render(target: EnvoyTarget, descriptor: Path = DESCRIPTOR) -> str:
                 {
                     "name": "voiceassist",
                     "domains": ["*"],
-                    "routes": _routes(streaming_methods(descriptor)),
+                    "routes": _routes(streaming_methods(descriptor), ndjson_transcoder),
                     "typed_per_filter_config": {"envoy.filters.http.cors": _cors(target.cors_origins)},
                 }
             ],

@@ -5,19 +5,22 @@ the process hosts, so embedded mode shares one revocation list and one audit que
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
 from services.core import registry
-from services.core.audit_client import AuditClient, AuditSink, LogSink
+from services.core.audit_client import AuditClient, AuditSink, QueueSink, RedisStreamSink
+from services.core.audit_rpc_sink import RpcSink
 from services.core.clients import ChannelPool
 from services.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from services.core.redis_store import RedisConnection
 from services.core.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
 from services.core.settings import CoreSettings
 from services.core.tokens import JwtVerifier, KeySet
+from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
 
@@ -39,7 +42,9 @@ class Runtime:
         else:
             self.revocations = MemoryRevocationList()
             self.rate_limiter = MemoryRateLimiter()
-        self.audit_sink: AuditSink = LogSink()
+        # Embedded mode: the audit service hosted here consumes this queue (services/audit/ingest.py).
+        self.audit_queue: asyncio.Queue[audit_pb2.Event] | None = None
+        self.audit_sink: AuditSink = self._audit_sink()
         self.token_verifier = JwtVerifier(
             KeySet(self._fetch_jwks),
             self.revocations,
@@ -53,6 +58,15 @@ class Runtime:
     def address(self, service: str) -> str:
         """Where to call `service`: this process when it hosts it, else its configured address."""
         return self.self_address if service in self.hosted else registry.address(service, self.settings)
+
+    def _audit_sink(self) -> AuditSink:
+        limit = self.settings.audit_buffer_max_events
+        if self.redis is not None:
+            return RedisStreamSink(self.redis, limit)
+        if "audit" in self.hosted:
+            self.audit_queue = asyncio.Queue(limit)
+            return QueueSink(self.audit_queue)
+        return RpcSink(lambda: audit_pb2_grpc.AuditServiceStub(self.channels.get("audit")), limit)
 
     def audit(self, service: str) -> AuditClient:
         """An audit client that records events as `service`."""
@@ -70,7 +84,8 @@ class Runtime:
         )  # fmt: skip
 
     async def close(self) -> None:
-        """Close channels and connections."""
+        """Hand over buffered audit events, then close channels and connections."""
+        await self.audit_sink.close()
         await self.channels.close()
         if self.redis is not None:
             await self.redis.close()

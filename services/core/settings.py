@@ -55,6 +55,12 @@ class CoreSettings(ServiceSettings):
         description="When Redis (revocation list, rate limits) is unreachable: false = allow and audit the outage "
         "(fail-open), true = refuse calls with UNAVAILABLE.",
     )
+    audit_buffer_max_events: int = Field(
+        50_000,
+        ge=1,
+        description="Audit events each process keeps while the audit transport (Redis, the audit service) is "
+        "unreachable, and the size of the in-process audit queue; beyond it events are dropped, logged and counted.",
+    )
     qdrant_url: str = Field("", description="Qdrant server URL. Empty: the embedded Qdrant engine under data_dir.")
 
     grpc_host: str = Field("127.0.0.1", description="Interface the gRPC servers bind to.")

@@ -2,6 +2,7 @@ import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -39,7 +40,7 @@ class Resource(_message.Message):
     def __init__(self, type: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "sequence", "event_time", "actor", "action", "resource", "outcome", "failure_reason", "request_id", "client_ip", "user_agent", "service", "method", "metadata", "commit_time", "leaf_hash", "chain_hash")
+    __slots__ = ("event_id", "sequence", "event_time", "actor", "action", "resource", "outcome", "failure_reason", "request_id", "client_ip", "user_agent", "service", "method", "metadata", "commit_time", "leaf_hash", "chain_hash", "appended_by")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +65,7 @@ class Event(_message.Message):
     COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     LEAF_HASH_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    APPENDED_BY_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     sequence: int
     event_time: _timestamp_pb2.Timestamp
@@ -81,7 +83,8 @@ class Event(_message.Message):
     commit_time: _timestamp_pb2.Timestamp
     leaf_hash: bytes
     chain_hash: bytes
-    def __init__(self, event_id: _Optional[str] = ..., sequence: _Optional[int] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[_Union[Actor, _Mapping]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., failure_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., user_agent: _Optional[str] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leaf_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ...) -> None: ...
+    appended_by: str
+    def __init__(self, event_id: _Optional[str] = ..., sequence: _Optional[int] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[_Union[Actor, _Mapping]] = ..., action: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., failure_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., user_agent: _Optional[str] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leaf_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., appended_by: _Optional[str] = ...) -> None: ...
 
 class EventFilter(_message.Message):
     __slots__ = ("actor_id", "action_prefix", "resource_type", "resource_id", "outcome", "start_time", "end_time", "request_id")
@@ -134,16 +137,20 @@ class GetEventResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
 
 class ExportEventsRequest(_message.Message):
-    __slots__ = ("filter",)
+    __slots__ = ("filter", "after_sequence")
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     filter: EventFilter
-    def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ...) -> None: ...
+    after_sequence: int
+    def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class ExportEventsResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "error")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     event: Event
-    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class AppendEventRequest(_message.Message):
     __slots__ = ("event",)
@@ -166,20 +173,22 @@ class VerifyIntegrityRequest(_message.Message):
     def __init__(self, start_sequence: _Optional[int] = ..., end_sequence: _Optional[int] = ...) -> None: ...
 
 class VerifyIntegrityResponse(_message.Message):
-    __slots__ = ("ok", "checked_count", "first_bad_sequence", "problem", "tree_size", "root_hash")
+    __slots__ = ("ok", "checked_count", "first_bad_sequence", "problem", "tree_size", "root_hash", "checkpoints_checked")
     OK_FIELD_NUMBER: _ClassVar[int]
     CHECKED_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     ROOT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     checked_count: int
     first_bad_sequence: int
     problem: str
     tree_size: int
     root_hash: bytes
-    def __init__(self, ok: _Optional[bool] = ..., checked_count: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ..., tree_size: _Optional[int] = ..., root_hash: _Optional[bytes] = ...) -> None: ...
+    checkpoints_checked: int
+    def __init__(self, ok: _Optional[bool] = ..., checked_count: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ..., tree_size: _Optional[int] = ..., root_hash: _Optional[bytes] = ..., checkpoints_checked: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("tree_size", "root_hash", "timestamp", "signature", "key_id", "origin")

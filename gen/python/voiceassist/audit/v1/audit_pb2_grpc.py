@@ -104,8 +104,10 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportEvents(self, request, context):
-        """Streams every event that matches a filter, oldest first, for export and archiving. Through Envoy the stream
-        is newline-delimited JSON. Same visibility rules as ListEvents.
+        """Streams every event that matches a filter, oldest first, for export and archiving (the retention path: events
+        are never deleted). Through Envoy the stream is newline-delimited JSON. Same visibility rules as ListEvents.
+        An error after the first event arrives as a final message with `error` set (HTTP/1.1 clients cannot see
+        trailers); resume with after_sequence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +115,9 @@ class AuditServiceServicer:
 
     def AppendEvent(self, request, context):
         """Queues one event for the ledger. For internal callers without Redis; the services' audit client normally
-        writes to the `audit.events` Redis stream instead. Idempotent on event_id. Service and admin callers only.
+        writes to the `audit.events` Redis stream instead. Idempotent on event_id. Admins and services may append any
+        event; any other caller only events they performed themselves (the actor is set from their token), at a
+        limited rate. The ledger records who appended it in `appended_by`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

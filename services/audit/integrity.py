@@ -1,0 +1,166 @@
+"""VerifyIntegrity: recompute the ledger from its events and report the first thing that does not match.
+
+For every event in the range: the sequence has no gap, the leaf hash recomputed from the stored fields equals the
+stored leaf hash (catches an edited event), and the chain hash follows from the previous one (catches a removed,
+inserted or reordered event). The recomputed leaves rebuild the tree: every stored Merkle node must match its
+leaves, and every signed checkpoint inside the range must have the recomputed root and a valid signature (catches
+an edit whose hashes were recomputed too). Rows are read in batches, so memory stays flat at any ledger size.
+
+This is the server checking itself against its own signing keys; a client that keeps checkpoints and the public
+key checks the server with services/core/ledger_proofs.py instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.audit.ledger import Ledger, out_of_range
+from services.audit.merkle import Frontier, frontier_at
+from services.audit.store import CheckpointRow
+from services.core.errors import invalid
+from services.core.ledger_proofs import ZERO_CHAIN, canonical_bytes, chain_hash, leaf_hash, verify_checkpoint
+
+BATCH = 20_000  # rows per read
+_FIELDS = 19  # canonical columns in a scanned row; then leaf hash, chain hash
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    """The outcome of one verification."""
+
+    ok: bool
+    checked: int
+    first_bad_sequence: int = 0
+    problem: str = ""
+    tree_size: int = 0
+    root_hash: bytes = b""
+    checkpoints_checked: int = 0
+
+
+class _Mismatch(Exception):
+    def __init__(self, sequence: int, problem: str) -> None:
+        super().__init__(problem)
+        self.sequence = sequence
+        self.problem = problem
+
+
+class IntegrityCheck:
+    """One run over [first, last]; `run()` returns the report."""
+
+    def __init__(self, ledger: Ledger, public_keys: dict[str, bytes], origin: str) -> None:
+        self._ledger = ledger
+        self._store = ledger.store
+        self._keys = public_keys
+        self._origin = origin
+        self.checked = 0
+        self.checkpoints_checked = 0
+        self._last_good_checkpoint = 0
+
+    async def run(self, first: int, last: int, progress: Callable[[int], None] | None = None) -> IntegrityReport:
+        """Verify events first..last (0, 0: the whole ledger)."""
+        head = await self._store.head()
+        if first < 0 or last < 0:
+            raise invalid("start_sequence" if first < 0 else "end_sequence", "must not be negative")
+        first, last = max(first, 1), last or head.tree_size
+        if last > head.tree_size:
+            raise out_of_range("end_sequence", f"the ledger holds {head.tree_size} events", head.tree_size)
+        if head.tree_size == 0:
+            return IntegrityReport(ok=True, checked=0, tree_size=0, root_hash=await self._ledger.root_at(0, head))
+        if first > last:
+            raise invalid("end_sequence", "must not be smaller than start_sequence")
+        frontier = await frontier_at(self._ledger.reader, first - 1)
+        chain = ZERO_CHAIN if first == 1 else (await self._store.scan(first - 1, first - 1))[0][-1]
+        checkpoints = await self._store.checkpoints_between(first, last)
+        self._last_good_checkpoint = first - 1
+        try:
+            pending = asyncio.ensure_future(self._store.scan(first, min(last, first + BATCH - 1)))
+            for start in range(first, last + 1, BATCH):
+                rows = await pending
+                end = min(last, start + BATCH - 1)
+                if end < last:  # the next read runs while this batch is hashed
+                    pending = asyncio.ensure_future(self._store.scan(end + 1, min(last, end + BATCH)))
+                    await asyncio.sleep(0)
+                completed: list[tuple[int, int, bytes]] = []
+                chain = self._check_rows(rows, start, end, chain, frontier, completed, checkpoints)
+                await self._check_nodes(completed)
+                if progress is not None:
+                    progress(self.checked)
+            if last == head.tree_size and (chain != head.chain_hash or frontier.encode() != head.frontier):
+                raise _Mismatch(last, "the ledger head does not match the recomputed chain and tree")
+        except _Mismatch as bad:
+            if not pending.done():
+                pending.cancel()
+            return IntegrityReport(False, self.checked, bad.sequence, bad.problem, frontier.size, frontier.root(),
+                                   self.checkpoints_checked)  # fmt: skip
+        return IntegrityReport(True, self.checked, 0, "", frontier.size, frontier.root(), self.checkpoints_checked)
+
+    def _check_rows(
+        self,
+        rows: list[tuple],
+        start: int,
+        end: int,
+        chain: bytes,
+        frontier: Frontier,
+        completed: list[tuple[int, int, bytes]],
+        checkpoints: list[CheckpointRow],
+    ) -> bytes:
+        expected = start
+        due = checkpoints[0].tree_size if checkpoints else 0
+        for row in rows:
+            if row[0] != expected:
+                raise _Mismatch(expected, f"event {expected} is missing (the next stored event is {row[0]})")
+            leaf = leaf_hash(canonical_bytes(row[:_FIELDS]))
+            if leaf != row[_FIELDS]:
+                raise _Mismatch(expected, "leaf hash does not match the stored event")
+            chain = chain_hash(chain, leaf)
+            if chain != row[_FIELDS + 1]:
+                raise _Mismatch(expected, "chain hash does not follow from the previous event and this leaf")
+            frontier.append(leaf, completed)
+            self.checked += 1
+            if expected == due:
+                self._check_checkpoint(checkpoints.pop(0), frontier)
+                due = checkpoints[0].tree_size if checkpoints else 0
+            expected += 1
+        if expected <= end:
+            raise _Mismatch(expected, f"event {expected} is missing")
+        return chain
+
+    def _check_checkpoint(self, checkpoint: CheckpointRow, frontier: Frontier) -> None:
+        size = checkpoint.tree_size
+        public_key = self._keys.get(checkpoint.key_id)
+        signed = public_key is not None and verify_checkpoint(
+            origin=checkpoint.origin,
+            tree_size=size,
+            root_hash=checkpoint.root_hash,
+            timestamp_us=checkpoint.timestamp_us,
+            signer=checkpoint.key_id,
+            signature=checkpoint.signature,
+            public_key=public_key,
+            expected_origin=self._origin,
+        )
+        if not signed:
+            raise _Mismatch(size, f"the checkpoint at tree size {size} has no valid signature")
+        if frontier.root() != checkpoint.root_hash:
+            raise _Mismatch(
+                self._last_good_checkpoint + 1,
+                f"the signed checkpoint at tree size {size} has another root: events "
+                f"{self._last_good_checkpoint + 1}-{size} were changed after it was signed",
+            )
+        self.checkpoints_checked += 1
+        self._last_good_checkpoint = size
+
+    async def _check_nodes(self, completed: list[tuple[int, int, bytes]]) -> None:
+        by_level: dict[int, dict[int, bytes]] = {}
+        for level, index, value in completed:
+            by_level.setdefault(level, {})[index] = value
+        for level, computed in by_level.items():
+            stored = await self._store.stored_nodes(level, [(min(computed), max(computed) + 1)])
+            for index in sorted(computed):
+                if stored.get(index) != computed[index]:
+                    raise _Mismatch(
+                        index * (1 << level) + 1,
+                        f"stored Merkle node (level {level}, index {index}) does not match events "
+                        f"{index * (1 << level) + 1}-{(index + 1) * (1 << level)}",
+                    )
