@@ -23,6 +23,7 @@ from services.rag import server as rag_server
 from services.search import server as search_server
 from services.search.cli import kb as kb_group
 from services.voice import server as voice_server
+from services.voice.cli import voice as voice_group
 
 FACTORIES: dict[str, ServiceFactory] = {
     "auth": auth_server.build,
@@ -179,6 +180,7 @@ Press Ctrl-C to stop."""
 
 main.add_command(audit_group)
 main.add_command(kb_group)
+main.add_command(voice_group)
 
 if __name__ == "__main__":
     main()
