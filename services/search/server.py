@@ -228,9 +228,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
 
 def _vector_index(runtime: Runtime, settings: SearchSettings) -> VectorIndex:
-    if runtime.settings.qdrant_url:
-        return ServerIndex(runtime.settings.qdrant_url, settings.collection)
-    return EdgeIndex(runtime.settings.data_dir / "qdrant" / settings.collection)
+    core = runtime.settings
+    if core.qdrant_url:
+        return ServerIndex(core.qdrant_url, settings.collection)
+    if core.database_url:
+        # Mesh mode on the embedded engine: the index lives in this process's DATA_DIR and is locked there, so only
+        # one search process can serve it; replicas with their own DATA_DIR would each see part of the corpus.
+        if core.environment == "production":
+            raise RuntimeError("QDRANT_URL is required in production mesh mode (search replicas share one index)")
+        log.warning("mesh mode without QDRANT_URL: run exactly one search process (embedded index in DATA_DIR)")
+    return EdgeIndex(core.data_dir / "qdrant" / settings.collection)
 
 
 def _job_queue(runtime: Runtime, settings: SearchSettings) -> JobQueue:

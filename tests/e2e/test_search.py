@@ -300,6 +300,9 @@ def test_delete_and_reindex_and_list(
     assert gone.status_code == 404 and json_reason(gone.json()) == "NOT_FOUND"
     again = edge_http.delete(f"/v1/documents/{doc['id']}", headers=admin.headers)
     assert again.status_code == 404
+    with pytest.raises(grpc.RpcError) as caught:
+        watch(search, user, doc["id"])
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_search_pages_without_repeating_results(
