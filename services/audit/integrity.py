@@ -13,7 +13,7 @@ key checks the server with services/core/ledger_proofs.py instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.audit.ledger import Ledger, out_of_range
@@ -98,7 +98,7 @@ class IntegrityCheck:
 
     def _check_rows(
         self,
-        rows: list[tuple],
+        rows: Sequence[Sequence],
         start: int,
         end: int,
         chain: bytes,
@@ -106,26 +106,41 @@ class IntegrityCheck:
         completed: list[tuple[int, int, bytes]],
         checkpoints: list[CheckpointRow],
     ) -> bytes:
-        expected = start
-        due = checkpoints[0].tree_size if checkpoints else 0
-        for row in rows:
-            if row[0] != expected:
-                raise _Mismatch(expected, f"event {expected} is missing (the next stored event is {row[0]})")
-            leaf = leaf_hash(canonical_bytes(row[:_FIELDS]))
-            if leaf != row[_FIELDS]:
-                raise _Mismatch(expected, "leaf hash does not match the stored event")
-            chain = chain_hash(chain, leaf)
-            if chain != row[_FIELDS + 1]:
-                raise _Mismatch(expected, "chain hash does not follow from the previous event and this leaf")
-            frontier.append(leaf, completed)
-            self.checked += 1
-            if expected == due:
-                self._check_checkpoint(checkpoints.pop(0), frontier)
-                due = checkpoints[0].tree_size if checkpoints else 0
-            expected += 1
-        if expected <= end:
-            raise _Mismatch(expected, f"event {expected} is missing")
+        expected, leaves = start, []
+        try:
+            for row in rows:
+                if row[0] != expected:
+                    raise _Mismatch(expected, f"event {expected} is missing (the next stored event is {row[0]})")
+                leaf = leaf_hash(canonical_bytes(row[:_FIELDS]))
+                if leaf != row[_FIELDS]:
+                    raise _Mismatch(expected, "leaf hash does not match the stored event")
+                chain = chain_hash(chain, leaf)
+                if chain != row[_FIELDS + 1]:
+                    raise _Mismatch(expected, "chain hash does not follow from the previous event and this leaf")
+                leaves.append(leaf)
+                expected += 1
+            if expected <= end:
+                raise _Mismatch(expected, f"event {expected} is missing")
+        finally:
+            # The tree grows by the leaves that passed, so a checkpoint before a bad event is still checked first.
+            self._grow(frontier, leaves, completed, checkpoints)
         return chain
+
+    def _grow(
+        self,
+        frontier: Frontier,
+        leaves: list[bytes],
+        completed: list[tuple[int, int, bytes]],
+        checkpoints: list[CheckpointRow],
+    ) -> None:
+        done = 0
+        while checkpoints and checkpoints[0].tree_size <= frontier.size + len(leaves) - done:
+            upto = checkpoints[0].tree_size - frontier.size + done
+            frontier.extend(leaves[done:upto], completed)
+            done = upto
+            self._check_checkpoint(checkpoints.pop(0), frontier)
+        frontier.extend(leaves[done:], completed)
+        self.checked += len(leaves)
 
     def _check_checkpoint(self, checkpoint: CheckpointRow, frontier: Frontier) -> None:
         size = checkpoint.tree_size
@@ -155,10 +170,12 @@ class IntegrityCheck:
         by_level: dict[int, dict[int, bytes]] = {}
         for level, index, value in completed:
             by_level.setdefault(level, {})[index] = value
+        if not by_level:
+            return
+        stored = await self._store.stored_nodes({lv: [(min(c), max(c) + 1)] for lv, c in by_level.items()})
         for level, computed in by_level.items():
-            stored = await self._store.stored_nodes(level, [(min(computed), max(computed) + 1)])
             for index in sorted(computed):
-                if stored.get(index) != computed[index]:
+                if stored[level].get(index) != computed[index]:
                     raise _Mismatch(
                         index * (1 << level) + 1,
                         f"stored Merkle node (level {level}, index {index}) does not match events "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from services.audit.events import NewEvent, now_micros
 from services.audit.merkle import Frontier, TreeReader, consistency_ranges, inclusion_ranges
-from services.audit.store import CANONICAL_COLUMNS, AuditStore, Head
+from services.audit.store import AuditStore, Head
 from services.core.errors import Reason, ServiceError, invalid
 from services.core.ledger_proofs import EMPTY_ROOT, canonical_bytes, chain_hash, leaf_hash
 
@@ -85,9 +85,7 @@ class Ledger:
                 leaf = leaf_hash(canonical_bytes(values))
                 chain = chain_hash(chain, leaf)
                 frontier.append(leaf, nodes)
-                row = dict(zip(CANONICAL_COLUMNS, values, strict=True))
-                row["leaf_hash"], row["chain_hash"] = leaf, chain
-                rows.append(row)
+                rows.append((*values, leaf, chain))
             if rows:
                 await txn.write(rows, nodes, Head(frontier.size, chain, frontier.encode()))
         return AppendResult(len(rows), len(events) - len(rows), frontier.size, frontier.root())
@@ -122,8 +120,10 @@ class Ledger:
         if sequence > size:
             raise out_of_range("sequence", f"the tree of size {size} does not contain event {sequence}", size)
         index = sequence - 1
-        hashes = await self.reader.range_hashes([(index, sequence), *inclusion_ranges(index, size)])
-        return InclusionProof(index, size, hashes[0], hashes[1:], await self.root_at(size, head))
+        path = inclusion_ranges(index, size)
+        hashes = await self.reader.range_hashes([(index, sequence), *path, *self._root_range(size, head)])
+        root = hashes[len(path) + 1] if size != head.tree_size else await self.root_at(size, head)
+        return InclusionProof(index, size, hashes[0], hashes[1 : len(path) + 1], root)
 
     async def consistency_proof(self, old_size: int, new_size: int) -> ConsistencyProof:
         """The proof that the tree of `old_size` events is a prefix of the tree of `new_size` (0: current)."""
@@ -132,5 +132,12 @@ class Ledger:
         size, head = await self._size(new_size, "new_size")
         if old_size > size:
             raise out_of_range("old_size", f"larger than new_size {size}", size)
-        hashes = await self.reader.range_hashes([(0, old_size), *consistency_ranges(old_size, size)])
-        return ConsistencyProof(old_size, size, hashes[1:], hashes[0], await self.root_at(size, head))
+        path = consistency_ranges(old_size, size)
+        hashes = await self.reader.range_hashes([(0, old_size), *path, *self._root_range(size, head)])
+        root = hashes[len(path) + 1] if size != head.tree_size else await self.root_at(size, head)
+        return ConsistencyProof(old_size, size, hashes[1 : len(path) + 1], hashes[0], root)
+
+    @staticmethod
+    def _root_range(size: int, head: Head) -> list[tuple[int, int]]:
+        # The current root comes from the head; an older one is read with the proof's nodes, in the same query.
+        return [(0, size)] if size != head.tree_size else []

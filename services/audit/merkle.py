@@ -7,7 +7,7 @@ at any tree size needs a handful of range reads however large the ledger grows.
 
 Proofs are built in two steps: `inclusion_ranges` / `consistency_ranges` say which leaf ranges' hashes make up the
 proof (RFC 6962 2.1.1 PATH and 2.1.2 SUBPROOF, a function of the sizes only), then `TreeReader` computes those
-hashes from stored nodes fetched in one query per stored level.
+hashes from stored nodes fetched in one query.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from services.core.ledger_proofs import EMPTY_ROOT, HASH_SIZE, node_hash
 STRIDE = 8  # stored levels: 0 (leaves), 8, 16, 24, ...
 
 Range = tuple[int, int]  # leaves [start, end), zero-based
-# Fetches stored hashes at one stored level for half-open index ranges: {index: hash}.
-NodeFetcher = Callable[[int, list[Range]], Awaitable[dict[int, bytes]]]
+# Fetches stored hashes for half-open index ranges at stored levels: {level: ranges} -> {level: {index: hash}}.
+NodeFetcher = Callable[[dict[int, list[Range]]], Awaitable[dict[int, dict[int, bytes]]]]
 
 
 def split_point(size: int) -> int:
@@ -119,7 +119,7 @@ class MissingNode(Exception):
 
 
 class TreeReader:
-    """Computes subtree hashes of the stored tree, reading each stored level once per batch of requests."""
+    """Computes subtree hashes of the stored tree with one read of stored nodes per batch of requests."""
 
     def __init__(self, fetch: NodeFetcher) -> None:
         self._fetch = fetch
@@ -132,21 +132,19 @@ class TreeReader:
         return [combine([roots[node] for node in plan]) for plan in plans]
 
     async def _perfect_roots(self, nodes: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        # Each node's root folds from the stored level at or below it; one fetch per stored level.
+        # Each node's root folds from the stored level at or below it.
         by_base: dict[int, list[Range]] = {}
         for level, index in nodes:
             base = level - level % STRIDE
             width = 1 << (level - base)
             by_base.setdefault(base, []).append((index * width, (index + 1) * width))
-        stored: dict[int, dict[int, bytes]] = {}
-        for base, ranges in by_base.items():
-            stored[base] = await self._fetch(base, _merge(ranges))
+        stored = await self._fetch({base: _merge(ranges) for base, ranges in by_base.items()}) if by_base else {}
         roots = {}
         for level, index in nodes:
             base = level - level % STRIDE
             width = 1 << (level - base)
             try:
-                children = [stored[base][i] for i in range(index * width, (index + 1) * width)]
+                children = [stored.get(base, {})[i] for i in range(index * width, (index + 1) * width)]
             except KeyError:
                 raise MissingNode(f"stored hash missing under level {level} index {index}") from None
             roots[(level, index)] = fold_perfect(children)
@@ -180,7 +178,24 @@ class Frontier:
     def append(self, leaf: bytes, completed: list[tuple[int, int, bytes]] | None = None) -> None:
         """Add one leaf. Each perfect subtree this completes at a stored level (8, 16, ...) is appended to
         `completed` as (level, index, hash)."""
-        value, level, size = leaf, 0, self.size + 1
+        self._push(leaf, 0, completed)
+
+    def extend(self, leaves: Sequence[bytes], completed: list[tuple[int, int, bytes]] | None = None) -> None:
+        """Add leaves in order (as `append` would, faster: whole aligned 256-leaf blocks fold level by level)."""
+        block, i = 1 << STRIDE, 0
+        while i < len(leaves):
+            if self.size % block == 0 and len(leaves) - i >= block:
+                self._push(fold_perfect(leaves[i : i + block]), STRIDE, completed)
+                i += block
+            else:
+                self._push(leaves[i], 0, completed)
+                i += 1
+
+    def _push(self, value: bytes, level: int, completed: list[tuple[int, int, bytes]] | None) -> None:
+        # Adds a perfect subtree of 2**level leaves; the tree's size must be a multiple of that.
+        size = self.size + (1 << level)
+        if completed is not None and level and level % STRIDE == 0:
+            completed.append((level, (size >> level) - 1, value))
         while size >> level & 1 == 0:  # the bit for this level was set before: merge with that subtree
             value = node_hash(self.hashes.pop(), value)
             level += 1

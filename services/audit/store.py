@@ -26,8 +26,10 @@ from sqlalchemy import (
     Text,
     and_,
     insert,
+    literal,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -91,6 +93,9 @@ CANONICAL_COLUMNS = (
     "resource_type", "resource_id", "outcome", "failure_reason", "request_id", "client_ip", "user_agent", "service",
     "method", "metadata", "appended_by",
 )  # fmt: skip
+
+
+LEDGER_COLUMNS = (*CANONICAL_COLUMNS, "leaf_hash", "chain_hash")
 
 
 class HeadRow(Base):
@@ -164,13 +169,26 @@ class AppendTransaction:
         """Those of `event_ids` already in the ledger (safe: no one else appends while the head is locked)."""
         if not event_ids:
             return set()
+        if self.session.bind.dialect.name == "postgresql":
+            # One array parameter: the same prepared statement for any batch size, planned as an index lookup.
+            raw = await self._driver()
+            return {r[0] for r in await raw.fetch("SELECT event_id FROM ledger WHERE event_id = ANY($1)", event_ids)}
         rows = await self.session.scalars(select(LedgerRow.event_id).where(LedgerRow.event_id.in_(event_ids)))
         return set(rows)
 
-    async def write(self, rows: list[dict[str, Any]], nodes: list[tuple[int, int, bytes]], head: Head) -> None:
-        """Insert the numbered rows and completed nodes and move the head; commits when the block ends."""
-        if rows:
-            await self.session.execute(insert(_LEDGER), rows)
+    async def _driver(self) -> Any:
+        """The asyncpg connection under this transaction."""
+        connection = await self.session.connection()
+        return (await connection.get_raw_connection()).driver_connection
+
+    async def write(self, rows: list[tuple[Any, ...]], nodes: list[tuple[int, int, bytes]], head: Head) -> None:
+        """Insert the numbered rows (values in LEDGER_COLUMNS order) and the completed nodes and move the head;
+        commits when the block ends."""
+        if rows and self.session.bind.dialect.name == "postgresql":
+            # COPY: several times cheaper per row than a multi-row INSERT, on the same connection and transaction.
+            await (await self._driver()).copy_records_to_table("ledger", records=rows, columns=LEDGER_COLUMNS)
+        elif rows:
+            await self.session.execute(insert(_LEDGER), [dict(zip(LEDGER_COLUMNS, r, strict=True)) for r in rows])
         if nodes:
             await self.session.execute(
                 insert(MerkleNodeRow.__table__), [{"level": lv, "idx": i, "hash": h} for lv, i, h in nodes]
@@ -251,35 +269,47 @@ class AuditStore:
         async with self.db.session() as s:
             return await s.get(LedgerRow, sequence)
 
-    async def scan(self, first: int, last: int) -> list[tuple[Any, ...]]:
-        """Rows first..last by sequence as tuples: the canonical columns, then leaf hash and chain hash."""
-        columns = ", ".join(f'"{c}"' for c in (*CANONICAL_COLUMNS, "leaf_hash", "chain_hash"))
+    async def scan(self, first: int, last: int) -> Sequence[Sequence[Any]]:
+        """Rows first..last by sequence, each the canonical columns, then leaf hash and chain hash (slicing a row
+        gives a tuple)."""
+        columns = ", ".join(f'"{c}"' for c in LEDGER_COLUMNS)
         sql = f"SELECT {columns} FROM ledger WHERE sequence BETWEEN $1 AND $2 ORDER BY sequence"  # noqa: S608
         async with self.db.engine.connect() as conn:
             if self.db.is_postgres:
-                # Verification reads every row: asyncpg's records directly are about a third faster than rows
-                # built by SQLAlchemy.
+                # Verification reads every row: asyncpg's own records are about a third faster than rows built
+                # by SQLAlchemy.
                 raw = (await conn.get_raw_connection()).driver_connection
-                return [tuple(r) for r in await raw.fetch(sql, first, last)]
+                return await raw.fetch(sql, first, last)
             result = await conn.exec_driver_sql(sql.replace("$1", "?").replace("$2", "?"), (first, last))
-            return [tuple(r) for r in result.all()]
+            return result.all()
 
     # tree
 
-    async def stored_nodes(self, level: int, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
-        """Stored hashes at `level` for index ranges [start, end): leaves (level 0) or merkle_nodes rows."""
-        if not ranges:
-            return {}
-        async with self.db.session() as s:
+    async def stored_nodes(self, wanted: dict[int, list[tuple[int, int]]]) -> dict[int, dict[int, bytes]]:
+        """Stored hashes for index ranges [start, end) at stored levels (0: leaves, else merkle_nodes), in one
+        query."""
+        parts = []
+        for level, ranges in wanted.items():
             if level == 0:
                 spans = [and_(LedgerRow.sequence > a, LedgerRow.sequence <= b) for a, b in ranges]
-                rows = await s.execute(select(LedgerRow.sequence - 1, LedgerRow.leaf_hash).where(or_(*spans)))
+                parts.append(
+                    select(literal(0).label("level"), (LedgerRow.sequence - 1).label("idx"), LedgerRow.leaf_hash).where(
+                        or_(*spans)
+                    )
+                )
             else:
                 spans = [and_(MerkleNodeRow.idx >= a, MerkleNodeRow.idx < b) for a, b in ranges]
-                rows = await s.execute(
-                    select(MerkleNodeRow.idx, MerkleNodeRow.hash).where(MerkleNodeRow.level == level, or_(*spans))
+                parts.append(
+                    select(MerkleNodeRow.level, MerkleNodeRow.idx, MerkleNodeRow.hash).where(
+                        MerkleNodeRow.level == level, or_(*spans)
+                    )
                 )
-            return {int(i): bytes(h) for i, h in rows}
+        found: dict[int, dict[int, bytes]] = {level: {} for level in wanted}
+        if parts:
+            async with self.db.session() as s:
+                for level, index, value in await s.execute(union_all(*parts) if len(parts) > 1 else parts[0]):
+                    found[int(level)][int(index)] = bytes(value)
+        return found
 
     # checkpoints
 

@@ -43,6 +43,13 @@ ZERO_CHAIN = bytes(HASH_SIZE)  # what the first event's chain hash chains from
 _sha256 = hashlib.sha256
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _json_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+# The same encoding without JSONEncoder's per-call Python overhead, where CPython's C encoder is present:
+# VerifyIntegrity encodes every event of the ledger (a third of its time at a million events).
+_c_encoder = (
+    json.encoder.c_make_encoder(None, None, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -67,6 +74,8 @@ def metadata_json(metadata: Mapping[str, str]) -> str:
 
 def canonical_bytes(values: Sequence[Any]) -> bytes:
     """The canonical encoding of an event given its field values in canonical order (see the module doc)."""
+    if _c_encoder is not None:
+        return "".join(_c_encoder((CANONICAL_VERSION, *values), 0)).encode()
     return _json((CANONICAL_VERSION, *values)).encode()
 
 

@@ -47,10 +47,13 @@ class StoredTree:
             for level, index, value in completed:
                 self.nodes.setdefault(level, {})[index] = value
 
-    async def fetch(self, level: int, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
+    async def fetch(self, wanted: dict[int, list[tuple[int, int]]]) -> dict[int, dict[int, bytes]]:
         self.fetches += 1
-        stored = self.nodes.get(level, {})
-        return {i: stored[i] for start, end in ranges for i in range(start, end) if i in stored}
+        found = {}
+        for level, ranges in wanted.items():
+            stored = self.nodes.get(level, {})
+            found[level] = {i: stored[i] for start, end in ranges for i in range(start, end) if i in stored}
+        return found
 
 
 def test_frontier_root_matches_the_definition_at_every_size() -> None:
@@ -88,11 +91,11 @@ async def test_consistency_proofs_from_stored_nodes_match_the_definition_and_ver
     assert lp.verify_consistency(old, new, lp.root_of(LEAVES[:old]), lp.root_of(LEAVES[:new]), proof)
 
 
-async def test_a_proof_reads_each_stored_level_once() -> None:
+async def test_a_proof_and_a_root_take_one_read() -> None:
     tree = StoredTree(LEAVES)
     reader = merkle.TreeReader(tree.fetch)
-    await reader.range_hashes(merkle.inclusion_ranges(301, 600))
-    assert tree.fetches <= 2  # leaves and level 8
+    await reader.range_hashes([*merkle.inclusion_ranges(301, 599), (0, 599)])
+    assert tree.fetches == 1
 
 
 async def test_root_and_frontier_at_an_older_size_come_from_stored_nodes() -> None:
@@ -110,3 +113,17 @@ async def test_a_missing_stored_node_is_reported() -> None:
     del tree.nodes[8][0]
     with pytest.raises(merkle.MissingNode):
         await merkle.TreeReader(tree.fetch).range_hashes([(0, 300)])
+
+
+@pytest.mark.parametrize(("before", "count"), [(0, 600), (3, 600), (255, 300), (256, 513), (100, 1)])
+def test_extend_equals_appending_one_leaf_at_a_time(before: int, count: int) -> None:
+    one, many = merkle.Frontier(), merkle.Frontier()
+    one_nodes: list[tuple[int, int, bytes]] = []
+    many_nodes: list[tuple[int, int, bytes]] = []
+    for leaf in LEAVES[:before]:
+        one.append(leaf)
+        many.append(leaf)
+    for leaf in LEAVES[before : before + count]:
+        one.append(leaf, one_nodes)
+    many.extend(LEAVES[before : before + count], many_nodes)
+    assert many == one and many_nodes == one_nodes

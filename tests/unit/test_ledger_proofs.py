@@ -158,3 +158,8 @@ def test_checkpoint_signature_verifies_and_binds_every_field() -> None:
     )
     assert not lp.verify_checkpoint(**{**_signed(key), "public_key": other})
     assert not lp.verify_checkpoint(**{**_signed(key), "public_key": other, "signer": lp.key_id(other)})
+
+
+def test_the_fast_encoder_agrees_with_the_standard_one() -> None:
+    tricky = (1, "\x00\x1f\x7f\u2028\ud7ff\U0001f600", 'a"b\\c\n\r\t\b\f', 2**53, "", "é")
+    assert lp.canonical_bytes(tricky) == lp._json((lp.CANONICAL_VERSION, *tricky)).encode()
