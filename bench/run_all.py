@@ -7,9 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit_bench, auth_bench, phi_eval, rag_bench, retrieval_eval
+from bench import audit_bench, auth_bench, phi_eval, rag_bench, retrieval_eval, voice_eval
 
-BENCHMARKS = [auth_bench, audit_bench, retrieval_eval, phi_eval, rag_bench]
+BENCHMARKS = [auth_bench, audit_bench, retrieval_eval, phi_eval, rag_bench, voice_eval]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -216,7 +217,6 @@ def converse_response(event: ConverseEvent) -> voice_pb2.ConverseResponse:
     elif isinstance(event, AudioOut):
         response.audio.CopyFrom(audio_chunk(event.piece, event.sequence))
     elif isinstance(event, TurnDone):
-        times = event.times
         response.turn_completed.CopyFrom(
             voice_pb2.TurnCompleted(
                 transcript=event.transcript,
@@ -224,13 +224,7 @@ def converse_response(event: ConverseEvent) -> voice_pb2.ConverseResponse:
                 model_used=event.model_used,
                 phi_detected=event.phi_detected,
                 cancelled=event.cancelled,
-                timings=voice_pb2.TurnTimings(
-                    final_transcript_ms=times.final_transcript_ms,
-                    first_answer_text_ms=times.first_answer_text_ms,
-                    first_audio_ms=times.first_audio_ms,
-                    total_ms=times.total_ms,
-                    utterance_ms=times.utterance_ms,
-                ),
+                timings=voice_pb2.TurnTimings(**asdict(event.times)),
             )
         )
     elif isinstance(event, Problem):
@@ -381,10 +375,17 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         )  # fmt: skip
         speaker = Speaker(self._synthesizer, options, self._settings.tts_chunk_ms)
         sequence = 0
-        for sentence in sentences_of(text):
-            for piece in await speaker.speak(sentence):
-                yield voice_pb2.SynthesizeResponse(audio=audio_chunk(piece, sequence))
-                sequence += 1
+        try:
+            for sentence in sentences_of(text):
+                for piece in await speaker.speak(sentence):
+                    yield voice_pb2.SynthesizeResponse(audio=audio_chunk(piece, sequence))
+                    sequence += 1
+        except ServiceError as exc:
+            if sequence == 0:
+                raise
+            # JSON clients behind Envoy never see trailers once the body has started: the error is the last message.
+            failure = status_message(exc.reason.value, exc.message, exc.status_code_name)
+            yield voice_pb2.SynthesizeResponse(error=failure)
 
     async def ListVoices(self, request: voice_pb2.ListVoicesRequest, context: grpc.aio.ServicerContext):
         current_caller()

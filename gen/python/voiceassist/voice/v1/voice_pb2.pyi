@@ -222,10 +222,12 @@ class SynthesizeRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., voice: _Optional[str] = ..., sample_rate_hertz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ...) -> None: ...
 
 class SynthesizeResponse(_message.Message):
-    __slots__ = ("audio",)
+    __slots__ = ("audio", "error")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     audio: AudioChunk
-    def __init__(self, audio: _Optional[_Union[AudioChunk, _Mapping]] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ListVoicesRequest(_message.Message):
     __slots__ = ("language_code", "page_size", "page_token")
