@@ -6,30 +6,38 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import grpc
 import httpx
 import pytest
 import redis
+from google.protobuf import field_mask_pb2
 
 from services.core import ledger_proofs as lp
 from services.core.audit_client import STREAM, AuditClient, RedisStreamSink
 from services.core.redis_store import RedisConnection
+from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import (
     Account,
     json_login,
     json_reason,
+    register_and_login,
     unique_email,
 )
-from tests.support.mesh import TEST_DATABASE_URL, Cluster, Server, drop_schemas
+from tests.support.mesh import TEST_DATABASE_URL, Cluster, Server, drop_schemas, free_port
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
+from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
 A = audit_pb2
 POLL_SECONDS = 60
@@ -300,6 +308,36 @@ def test_embedded_login_reaches_the_ledger_through_the_in_process_queue(edge_htt
     assert [int(e["sequence"]) for e in events] == sorted(int(e["sequence"]) for e in events)
 
 
+def test_without_redis_a_separate_audit_process_gets_events_through_append_event(workdir: Path) -> None:
+    # No Redis and the audit service in another process: the audit client falls back to AppendEvent, with the
+    # credentials of the call that recorded the event.
+    cluster = Cluster.create(workdir, mesh=False)
+    audit_port = free_port()
+    cluster.env["AUDIT_ADDR"] = f"127.0.0.1:{audit_port}"
+    try:
+        auth = cluster.start("auth")
+        cluster.point_at("auth", auth)
+        audit = cluster.start("audit", port=audit_port)
+        with grpc.insecure_channel(auth.address) as channel:
+            admin = create_admin(cluster, channel)
+            user = register_and_login(channel)
+            auth_pb2_grpc.AuthServiceStub(channel).UpdateUser(
+                auth_pb2.UpdateUserRequest(user=auth_pb2.User(id=user.user_id, role=auth_pb2.ROLE_VIEWER),
+                                           update_mask=field_mask_pb2.FieldMask(paths=["role"])),
+                metadata=admin.metadata, timeout=30,
+            )  # fmt: skip
+        with grpc.insecure_channel(audit.address) as channel:
+            stub = audit_pb2_grpc.AuditServiceStub(channel)
+            request = A.ListEventsRequest(filter=A.EventFilter(action_prefix="auth.user.update"))
+            [event] = _poll(lambda: stub.ListEvents(request, metadata=admin.metadata, timeout=10).events, "the update")
+        assert event.actor.id == admin.user_id and event.resource.id == user.user_id
+        assert event.appended_by == admin.user_id and event.metadata["role"] == "viewer"
+        # A login carries no credentials to forward: AppendEvent refuses it, and the auth process says so.
+        assert "audit event refused by the audit service" in auth.log_text()
+    finally:
+        cluster.stop()
+
+
 # --- a ledger of our own: outages, crashes and tampering on PostgreSQL + Redis
 
 
@@ -454,6 +492,62 @@ async def test_a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_committ
         assert whole["hi"] == whole["n"]
     finally:
         _stop(rescuer)
+
+
+async def test_entries_that_cannot_be_committed_are_set_aside_without_blocking_the_rest(ledger: Ledger) -> None:
+    service = f"poison{uuid.uuid4().hex[:8]}"
+    client = ledger.redis()
+    client.xadd(ledger.stream, {"event": b"\xff\xfe not a protobuf"})
+    oversized = A.Event(event_id=str(uuid.uuid4()), action="test.ledger.event", outcome=A.OUTCOME_SUCCESS,
+                        service=service, metadata={f"k{i}": "v" for i in range(40)})  # fmt: skip
+    client.xadd(ledger.stream, {"event": oversized.SerializeToString()})
+    ids = await _produce(ledger, 5, service)
+    audit = ledger.start_audit()
+    try:
+        query = "SELECT event_id FROM ledger WHERE service = $1"
+        rows = await _async_poll(lambda: ledger.sql(query, service), lambda r: len(r) == 5, "the good events")
+        assert {r["event_id"] for r in rows} == set(ids)
+        rejected = client.xrange(ledger.stream.replace("audit.events", "audit.events.rejected"))
+        reasons = sorted(fields[b"reason"].decode() for _, fields in rejected[-2:])
+        assert reasons == ["entry is not a serialized audit event", "metadata: at most 32 entries"]
+        _poll(lambda: client.xlen(ledger.stream) == 0, "the stream to drain")
+    finally:
+        _stop(audit)
+
+
+async def test_the_cli_exports_ndjson_and_monitors_checkpoints_like_a_witness(ledger: Ledger, tmp_path: Path) -> None:
+    audit = ledger.start_audit()
+    state, exported = tmp_path / "witness.json", tmp_path / "export.ndjson"
+    env = {**os.environ, **ledger.cluster.env}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "services.cli", "audit", *args, "--address", audit.address,
+                   "--token", ledger.admin.access_token]  # fmt: skip
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        first = run("monitor", "--state", str(state))
+        assert first.returncode == 0, first.stderr
+        pinned = json.loads(state.read_text())
+        service = f"cli{uuid.uuid4().hex[:8]}"
+        await _produce(ledger, 10, service)
+        count = "SELECT count(*) AS n FROM ledger WHERE service = $1"
+        await _async_poll(lambda: ledger.sql(count, service), lambda r: r[0]["n"] == 10, "the new events")
+        second = run("monitor", "--state", str(state))  # proves the new checkpoint extends the pinned one
+        assert second.returncode == 0, second.stderr
+        seen = json.loads(state.read_text())
+        assert seen["tree_size"] >= pinned["tree_size"] + 10 and seen["public_key"] == pinned["public_key"]
+        state.write_text(json.dumps({**seen, "root_hash": "00" * 32}))  # what a rewritten ledger looks like
+        forged = run("monitor", "--state", str(state))
+        assert forged.returncode == 1 and "the ledger was rewritten" in forged.stderr
+
+        export = run("export", "--output", str(exported))
+        assert export.returncode == 0, export.stderr
+        lines = [json.loads(line) for line in exported.read_text().splitlines()]
+        assert [int(e["sequence"]) for e in lines] == list(range(1, len(lines) + 1))
+        assert f"exported up to sequence {len(lines)}" in export.stderr
+    finally:
+        _stop(audit)
 
 
 async def test_tampering_is_caught_by_verify_integrity_and_by_the_independent_verifier(ledger: Ledger) -> None:

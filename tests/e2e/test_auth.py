@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -248,7 +249,8 @@ def test_login_fails_open_without_redis_and_closed_when_configured(workdir: Path
     redis = _redis_server(redis_port)
     cluster = Cluster.create(workdir, mesh=True, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
     try:
-        open_server = cluster.start("auth")
+        metrics_port = free_port()
+        open_server = cluster.start("auth", metrics_port=metrics_port)
         closed_server = cluster.start("auth", AUTH_FAIL_CLOSED="true")
         cluster.point_at("auth", open_server)
         audit = cluster.start("audit")
@@ -265,8 +267,11 @@ def test_login_fails_open_without_redis_and_closed_when_configured(workdir: Path
             # The token still verifies (revocation list unreachable: fail-open, audited).
             stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), timeout=10,
                                 metadata=(*bearer(reply.access_token), ("x-request-id", check_id)))  # fmt: skip
-        # The audit events cannot reach the stream: the auth process keeps them and says so.
+        # The audit events cannot reach the stream: the auth process keeps them and says so, in its log and metrics.
         assert "audit transport unavailable; buffering events locally" in open_server.log_text()
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        buffered = re.search(r'^audit_client_events_buffered\{transport="redis"\} (\S+)$', metrics, re.M)
+        assert buffered is not None and float(buffered.group(1)) >= 2  # the login and the revocation outage
         with grpc.insecure_channel(closed_server.address) as channel, pytest.raises(grpc.RpcError) as caught:
             auth_pb2_grpc.AuthServiceStub(channel).Login(
                 auth_pb2.LoginRequest(email=account.email, password=STRONG_PASSWORD), timeout=30
