@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 import wave
@@ -32,12 +33,14 @@ from tests.support.mesh import Cluster, Server, free_port
 from tests.support.voice import (
     SPEECH,
     ConverseStream,
+    SlowChatModel,
     chunks,
     kind_is,
     recognition,
     utterance,
     word_errors,
 )
+from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
@@ -73,15 +76,8 @@ class Library:
 @pytest.fixture(scope="module")
 def library(embedded: Cluster) -> Library:
     with grpc.insecure_channel(embedded.servers[0].address) as channel:
-        admin = create_admin(embedded, channel)
-        search = search_pb2_grpc.SearchServiceStub(channel)
-        meta = search_pb2.DocumentMetadata(
-            title=f"Printing {uuid.uuid4().hex[:6]}", source_type="textbook", media_type="text/markdown"
-        )
-        doc = search.CreateDocument(search_pb2.CreateDocumentRequest(metadata=meta, text=BOOK), metadata=admin.metadata)
-        final = watch(search, admin, doc.document.id)[-1]
-        assert final.document.status == search_pb2.DOCUMENT_STATUS_INDEXED, final.document.error
-        return Library(register_and_login(channel), register_and_login(channel), doc.document.id)
+        document_id = index_book(embedded, channel)
+        return Library(register_and_login(channel), register_and_login(channel), document_id)
 
 
 @pytest.fixture
@@ -116,6 +112,18 @@ def assert_real_speech(pcm: bytes, rate: int, min_seconds: float) -> None:
         samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
     assert len(samples) / rate >= min_seconds
     assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 300
+
+
+def session_events(audit: audit_pb2_grpc.AuditServiceStub, account: Account, session_id: str) -> list:
+    """The ledger's start and end events of a voice session (fed asynchronously: polled for a while)."""
+    query = audit_pb2.ListEventsRequest(
+        filter=audit_pb2.EventFilter(action_prefix="voice.session", resource_id=session_id)
+    )
+    deadline = time.monotonic() + 30
+    while len(events := audit.ListEvents(query, metadata=account.metadata).events) < 2:
+        assert time.monotonic() < deadline, "the session's audit events never arrived"
+        time.sleep(0.1)
+    return list(events)
 
 
 # --- the spoken question
@@ -197,6 +205,18 @@ async def test_text_turns_answer_in_an_existing_conversation_without_speech(
                                    for c in m.citations.citations}  # fmt: skip
     assert done.message.turn_completed.transcript == TEXT_QUESTION and not done.message.turn_completed.cancelled
     assert second.message.turn_completed.timings.first_audio_ms == 0
+
+    # The session is in the audit ledger, start and end, with counts and times but none of the words.
+    session_id = started.message.session_started.session_id
+    events = await asyncio.to_thread(session_events, audit_pb2_grpc.AuditServiceStub(edge_channel), library.user,
+                                     session_id)  # fmt: skip
+    by_action = {e.action: e for e in events}
+    assert set(by_action) == {"voice.session.start", "voice.session.end"}
+    end = by_action["voice.session.end"]
+    assert end.actor.id == library.user.user_id and end.outcome == audit_pb2.OUTCOME_SUCCESS
+    assert end.metadata["turns"] == "2" and end.metadata["conversation_id"] == conversation.id
+    assert int(end.metadata["duration_ms"]) > 0
+    assert not any("printing" in value.lower() for e in events for value in e.metadata.values())
 
     # Another account cannot talk in this conversation: it does not exist for them.
     other = ConverseStream.open(voice, library.other.metadata, config(conversation_id=conversation.id))
@@ -470,3 +490,75 @@ def test_cli_talk_streams_a_wav_and_saves_the_answer(embedded: Cluster, library:
     assert "arts and crafts" in result.stdout and "[1]" in result.stdout
     with wave.open(str(out)) as wav:
         assert wav.getframerate() == 16000 and wav.getnframes() > 16000
+
+
+# --- answers still being written: a system whose rag writes with a slow local model
+
+
+@dataclass
+class SlowSystem:
+    """`serve all` with rag's local model at a slow stand-in endpoint, the printing document indexed."""
+
+    server: Server
+    model: SlowChatModel
+    user: Account
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowSystem]:
+    model = SlowChatModel()
+    cluster = Cluster.create(tmp_path_factory.mktemp("voice-slow"), mesh=False,
+                             RAG_LOCAL_BASE_URL=model.base_url, RAG_LOCAL_MODEL="slow")  # fmt: skip
+    try:
+        server = cluster.start("all")
+        with grpc.insecure_channel(server.address) as channel:
+            index_book(cluster, channel)
+            yield SlowSystem(server, model, register_and_login(channel))
+    finally:
+        cluster.stop()
+        model.stop()
+
+
+def index_book(cluster: Cluster, channel: grpc.Channel) -> str:
+    """Index the printing document as an admin of `cluster`; its id."""
+    admin = create_admin(cluster, channel)
+    search = search_pb2_grpc.SearchServiceStub(channel)
+    meta = search_pb2.DocumentMetadata(
+        title=f"Printing {uuid.uuid4().hex[:6]}", source_type="textbook", media_type="text/markdown"
+    )
+    doc = search.CreateDocument(search_pb2.CreateDocumentRequest(metadata=meta, text=BOOK), metadata=admin.metadata)
+    final = watch(search, admin, doc.document.id)[-1]
+    assert final.document.status == search_pb2.DOCUMENT_STATUS_INDEXED, final.document.error
+    return doc.document.id
+
+
+async def test_first_sentence_is_spoken_while_the_answer_is_still_being_written(slow: SlowSystem) -> None:
+    slow.model.reset(["Printing is comparatively modern [1]. ", "It came after the other crafts [1]."], gap_seconds=3)
+    async with grpc.aio.insecure_channel(slow.server.address) as channel:
+        stream = ConverseStream.open(voice_pb2_grpc.VoiceServiceStub(channel), slow.user.metadata,
+                                     config(barge_in=False))  # fmt: skip
+        await stream.send(V.ConverseRequest(text=TEXT_QUESTION))
+        done = await stream.wait_for(kind_is("turn_completed", turn=1), within=60)
+        stream.cancel()
+    assert done.message.turn_completed.model_used.startswith("local")
+    deltas = [r for r in stream.received if r.message.WhichOneof("response") == "answer_text"]
+    first_audio = next(r for r in stream.received if r.message.WhichOneof("response") == "audio")
+    assert "modern" in first_audio.message.audio.text
+    assert first_audio.at < deltas[-1].at - 1.5  # spoken well before the model wrote its last words
+
+
+async def test_barge_in_cancels_the_answer_being_written(slow: SlowSystem) -> None:
+    slow.model.reset(["Printing is comparatively modern [1]. "] + ["And there is more to say. "] * 5, gap_seconds=4)
+    async with grpc.aio.insecure_channel(slow.server.address) as channel:
+        stream = ConverseStream.open(voice_pb2_grpc.VoiceServiceStub(channel), slow.user.metadata, config())
+        await stream.send(V.ConverseRequest(text=TEXT_QUESTION))
+        await stream.wait_for(kind_is("audio", turn=1))
+        await stream.send_audio(utterance("ls_1089-134691-0000").pcm, speed=1.0)
+        barge = await stream.wait_for(kind_is("speech_event", turn=1, type=V.SPEECH_EVENT_TYPE_BARGE_IN))
+        done = await stream.wait_for(kind_is("turn_completed", turn=1))
+        assert done.message.turn_completed.cancelled
+        # The cancellation reached the model through rag: it was hung up on long before its answer was over.
+        assert await asyncio.to_thread(slow.model.hung_up.wait, 10)
+        assert not slow.model.finished.is_set()
+        assert done.at - barge.at < 1.0
+        stream.cancel()

@@ -1,15 +1,20 @@
 """Voice clients for tests and benchmarks: recorded speech from ../shared/eval/speech, a Converse stream driven
-from a test (requests from a queue, every response recorded), word error rate."""
+from a test (requests from a queue, every response recorded), word error rate, and a slow streaming chat model
+(the stand-in for a local model) to watch answers that are still being written."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import select
+import socket
+import threading
 import time
 import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -186,3 +191,72 @@ def kind_is(kind: str, turn: int | None = None, **checks) -> Callable[[voice_pb2
         return all(getattr(payload, k) == v for k, v in checks.items())
 
     return matches
+
+
+class SlowChatModel:
+    """An OpenAI-compatible streaming chat endpoint that answers slowly, standing in for a local model: it sends
+    `pieces` with `gap_seconds` between them, and notes whether its client hung up before the end (as rag does when
+    its caller cancels the answer)."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = ["Printing is comparatively modern [1]."]
+        self.gap_seconds = 0.0
+        self.hung_up = threading.Event()
+        self.finished = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        """What RAG_LOCAL_BASE_URL should be."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def reset(self, pieces: list[str], gap_seconds: float) -> None:
+        """How to answer next."""
+        self.pieces, self.gap_seconds = pieces, gap_seconds
+        self.hung_up.clear()
+        self.finished.clear()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _peer_gone(self, seconds: float) -> bool:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    if select.select([self.connection], [], [], 0.05)[0]:
+                        try:
+                            if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                                return True
+                        except OSError:
+                            return True
+                return False
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("connection", "close")
+                self.end_headers()
+                for n, piece in enumerate(model.pieces):
+                    if n and self._peer_gone(model.gap_seconds):
+                        model.hung_up.set()
+                        return
+                    chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                model.finished.set()
+
+        return Handler
