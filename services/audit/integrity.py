@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.audit.ledger import Ledger, out_of_range
-from services.audit.merkle import Frontier, frontier_at
+from services.audit.merkle import Frontier, MissingNode, frontier_at
 from services.audit.store import CheckpointRow
 from services.core.errors import invalid
 from services.core.ledger_proofs import ZERO_CHAIN, canonical_bytes, chain_hash, leaf_hash, verify_checkpoint
@@ -70,8 +70,14 @@ class IntegrityCheck:
             return IntegrityReport(ok=True, checked=0, tree_size=0, root_hash=await self._ledger.root_at(0, head))
         if first > last:
             raise invalid("end_sequence", "must not be smaller than start_sequence")
-        frontier = await frontier_at(self._ledger.reader, first - 1)
-        chain = ZERO_CHAIN if first == 1 else (await self._store.scan(first - 1, first - 1))[0][-1]
+        try:
+            frontier = await frontier_at(self._ledger.reader, first - 1)
+        except MissingNode as exc:
+            return IntegrityReport(False, 0, exc.first_sequence, str(exc), tree_size=first - 1)
+        before = await self._store.scan(first - 1, first - 1) if first > 1 else [(ZERO_CHAIN,)]
+        if not before:
+            return IntegrityReport(False, 0, first - 1, f"event {first - 1} is missing", tree_size=first - 1)
+        chain = before[0][-1]
         checkpoints = await self._store.checkpoints_between(first, last)
         self._last_good_checkpoint = first - 1
         try:

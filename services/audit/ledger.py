@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.audit.events import NewEvent, now_micros
-from services.audit.merkle import Frontier, TreeReader, consistency_ranges, inclusion_ranges
+from services.audit.merkle import Frontier, MissingNode, TreeReader, consistency_ranges, inclusion_ranges
 from services.audit.store import AuditStore, Head
 from services.core.errors import Reason, ServiceError, invalid
 from services.core.ledger_proofs import EMPTY_ROOT, canonical_bytes, chain_hash, leaf_hash
@@ -49,6 +49,15 @@ class ConsistencyProof:
     hashes: list[bytes]
     old_root: bytes
     new_root: bytes
+
+
+def damaged(exc: MissingNode) -> ServiceError:
+    """LEDGER_DAMAGED for a proof the stored tree can no longer give."""
+    return ServiceError(
+        Reason.LEDGER_DAMAGED,
+        f"the ledger is damaged ({exc}); run VerifyIntegrity",
+        metadata={"first_sequence": str(exc.first_sequence)},
+    )
 
 
 def out_of_range(field: str, message: str, tree_size: int) -> ServiceError:
@@ -101,7 +110,10 @@ class Ledger:
             return Frontier.decode(head.tree_size, head.frontier).root()
         if tree_size == 0:
             return EMPTY_ROOT
-        [root] = await self.reader.range_hashes([(0, tree_size)])
+        try:
+            [root] = await self.reader.range_hashes([(0, tree_size)])
+        except MissingNode as exc:
+            raise damaged(exc) from None
         return root
 
     async def _size(self, requested: int, field: str) -> tuple[int, Head]:
@@ -120,10 +132,8 @@ class Ledger:
         if sequence > size:
             raise out_of_range("sequence", f"the tree of size {size} does not contain event {sequence}", size)
         index = sequence - 1
-        path = inclusion_ranges(index, size)
-        hashes = await self.reader.range_hashes([(index, sequence), *path, *self._root_range(size, head)])
-        root = hashes[len(path) + 1] if size != head.tree_size else await self.root_at(size, head)
-        return InclusionProof(index, size, hashes[0], hashes[1 : len(path) + 1], root)
+        leaf, path, root = await self._proof((index, sequence), inclusion_ranges(index, size), size, head)
+        return InclusionProof(index, size, leaf, path, root)
 
     async def consistency_proof(self, old_size: int, new_size: int) -> ConsistencyProof:
         """The proof that the tree of `old_size` events is a prefix of the tree of `new_size` (0: current)."""
@@ -132,12 +142,18 @@ class Ledger:
         size, head = await self._size(new_size, "new_size")
         if old_size > size:
             raise out_of_range("old_size", f"larger than new_size {size}", size)
-        path = consistency_ranges(old_size, size)
-        hashes = await self.reader.range_hashes([(0, old_size), *path, *self._root_range(size, head)])
-        root = hashes[len(path) + 1] if size != head.tree_size else await self.root_at(size, head)
-        return ConsistencyProof(old_size, size, hashes[1 : len(path) + 1], hashes[0], root)
+        old_root, path, root = await self._proof((0, old_size), consistency_ranges(old_size, size), size, head)
+        return ConsistencyProof(old_size, size, path, old_root, root)
 
-    @staticmethod
-    def _root_range(size: int, head: Head) -> list[tuple[int, int]]:
-        # The current root comes from the head; an older one is read with the proof's nodes, in the same query.
-        return [(0, size)] if size != head.tree_size else []
+    async def _proof(
+        self, subject: tuple[int, int], path: list[tuple[int, int]], size: int, head: Head
+    ) -> tuple[bytes, list[bytes], bytes]:
+        """The hash of `subject`, the proof hashes and the root of the tree of `size`, in one read of stored
+        nodes (the current root comes from the head)."""
+        current = size == head.tree_size
+        try:
+            hashes = await self.reader.range_hashes([subject, *path, *([] if current else [(0, size)])])
+        except MissingNode as exc:
+            raise damaged(exc) from None
+        root = await self.root_at(size, head) if current else hashes[-1]
+        return hashes[0], hashes[1 : len(path) + 1], root

@@ -117,6 +117,10 @@ def _merge(ranges: Iterable[Range]) -> list[Range]:
 class MissingNode(Exception):
     """A stored hash the tree needs is not in the database (the ledger was damaged)."""
 
+    def __init__(self, level: int, index: int) -> None:
+        super().__init__(f"a stored hash under level {level} index {index} is missing")
+        self.first_sequence = index * (1 << level) + 1  # the first event the missing hash covers
+
 
 class TreeReader:
     """Computes subtree hashes of the stored tree with one read of stored nodes per batch of requests."""
@@ -146,7 +150,7 @@ class TreeReader:
             try:
                 children = [stored.get(base, {})[i] for i in range(index * width, (index + 1) * width)]
             except KeyError:
-                raise MissingNode(f"stored hash missing under level {level} index {index}") from None
+                raise MissingNode(level, index) from None
             roots[(level, index)] = fold_perfect(children)
         return roots
 

@@ -250,7 +250,10 @@ class QueueSink:
         SENT.labels(self.transport).inc()
 
     async def close(self) -> None:
-        """Nothing to do: the audit service drains the queue when it stops."""
+        """The audit service drained the queue when it stopped; count and log what arrived after that."""
+        if left := self.queue.qsize():
+            DROPPED.labels(self.transport, "shutdown").inc(left)
+            log.error("audit events queued after the audit service stopped were lost", extra={"count": left})
 
 
 class AuditClient:
