@@ -103,20 +103,20 @@ class Indexer:
             raise StaleJob(job.document_id)
         self._board.changed(job.document_id)
 
-    async def run(self, job: Job, renew) -> None:
+    async def run(self, job: Job) -> None:
         """Index the job's document; a parse failure ends it FAILED with the reason. StaleJob when the document
         changed underneath; other exceptions are the caller's to retry."""
         row = await self._store.get(job.document_id)
         if row is None or row.generation != job.generation or row.status in FINAL_STATUSES:
             return  # deleted, superseded, or a duplicate delivery of a finished job
         try:
-            await self._pipeline(job, row, renew)
+            await self._pipeline(job, row)
         except StaleJob:
             if await self._store.get(job.document_id) is None:
                 await self._index.delete_document(job.document_id)  # deleted mid-run: drop what we wrote
             raise
 
-    async def _pipeline(self, job: Job, row: DocumentRow, renew) -> None:
+    async def _pipeline(self, job: Job, row: DocumentRow) -> None:
         await self._advance(job, status=Status.PARSING)
         data = await self._store.content(job.document_id)
         if data is None:
@@ -155,7 +155,6 @@ class Indexer:
             await self._index.upsert(points)
             done += len(batch)
             await self._advance(job, chunks_done=done)
-            await renew()
         await self._index.publish(job.document_id, version)
         await self._advance(job, status=Status.INDEXED, chunks_done=len(chunks), indexed_at=utcnow())
 
@@ -177,8 +176,17 @@ def _payload(row: DocumentRow, version: str, chunk: Chunk) -> dict:
 class IndexingWorkers:
     """Background tasks taking jobs off the queue until stopped."""
 
-    def __init__(self, indexer: Indexer, queue: JobQueue, index: VectorIndex, store: SearchStore, count: int) -> None:
+    def __init__(
+        self,
+        indexer: Indexer,
+        queue: JobQueue,
+        index: VectorIndex,
+        store: SearchStore,
+        count: int,
+        renew_seconds: float,
+    ) -> None:
         self._indexer = indexer
+        self._renew_seconds = renew_seconds
         self._queue = queue
         self._index = index
         self._store = store
@@ -209,9 +217,19 @@ class IndexingWorkers:
             with contextlib.suppress(Exception):
                 await self._index.maintain()
 
+    async def _keep_claim(self, job: Job) -> None:
+        """Renew the job's claim while it runs (parsing a large PDF can take longer than the claim lasts)."""
+        while True:
+            await asyncio.sleep(self._renew_seconds)
+            try:
+                await self._queue.renew(job)
+            except Exception as exc:  # a Redis blip: the next renewal may work; the claim outlasts a few misses
+                log.warning("could not renew an indexing job", extra={"error": type(exc).__name__})
+
     async def _handle(self, job: Job) -> None:
+        heartbeat = asyncio.create_task(self._keep_claim(job))
         try:
-            await self._indexer.run(job, lambda: self._queue.renew(job))
+            await self._indexer.run(job)
         except StaleJob:
             log.info("indexing job superseded", extra={"document_id": job.document_id})
         except Exception as exc:
@@ -227,5 +245,7 @@ class IndexingWorkers:
                         job.document_id, job.generation, status=Status.FAILED,
                         error=f"indexing failed {MAX_ATTEMPTS} times ({type(exc).__name__}); try ReindexDocument",
                     )  # fmt: skip
+        finally:
+            heartbeat.cancel()
         with contextlib.suppress(Exception):
             await self._queue.done(job)

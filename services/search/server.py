@@ -265,7 +265,8 @@ async def build(runtime: Runtime) -> Hosted:
         settings.embed_batch_size,
     )  # fmt: skip
     indexer = Indexer(store, index, embedder, encoder, limits, board)
-    workers = IndexingWorkers(indexer, queue, index, store, settings.index_workers)
+    renew = settings.job_claim_idle_seconds / 4
+    workers = IndexingWorkers(indexer, queue, index, store, settings.index_workers, renew)
     kb = KnowledgeBase(
         store, index, queue, board, runtime.audit("search"), watch_poll_seconds=settings.watch_poll_seconds
     )
