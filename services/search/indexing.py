@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # unexpected failures (a store or index outage) are retried this often before FAILED
 TITLE_TOKENS = 48  # at most this much of the budget goes to the title embedded with every chunk
+UNTITLED = "Untitled document"  # neither the uploader nor the file named it
 
 
 class StaleJob(Exception):
@@ -125,7 +126,7 @@ class Indexer:
             parsed = await asyncio.to_thread(parse, data, row.media_type, max_pages=self._limits.max_pages)
             if not parsed.has_text:
                 raise ParseError("no text could be extracted (a scanned PDF needs OCR, which is not supported)")
-            title = row.title
+            title = row.title or parsed.title or UNTITLED
             title_tokens = min(self._embedder.count_tokens([title])[0] + 1, TITLE_TOKENS) if title else 0
             budget = self._limits.chunk_max_tokens - title_tokens
             overlap = min(self._limits.chunk_overlap_tokens, budget // 2 - 1)
@@ -141,15 +142,16 @@ class Indexer:
         stored = await self._index.existing(ids)  # a resumed job: those chunks are done
         done = sum(1 for i in ids if i in stored)
         await self._advance(
-            job, status=Status.EMBEDDING, chunk_count=len(chunks), chunks_done=done, page_count=parsed.page_count
-        )
+            job, status=Status.EMBEDDING, chunk_count=len(chunks), chunks_done=done, page_count=parsed.page_count,
+            title=title,
+        )  # fmt: skip
         todo = [(c, i) for c, i in zip(chunks, ids, strict=True) if i not in stored]
         for start in range(0, len(todo), self._limits.batch_size):
             batch = todo[start : start + self._limits.batch_size]
             texts = [embedding_text(title, c) for c, _ in batch]
             vectors = await self._embedder.embed(texts)
             points = [
-                ChunkPoint(pid, vector.tolist(), self._encoder.document(text), _payload(row, version, chunk))
+                ChunkPoint(pid, vector.tolist(), self._encoder.document(text), _payload(row, title, version, chunk))
                 for (chunk, pid), vector, text in zip(batch, vectors, texts, strict=True)
             ]
             await self._index.upsert(points)
@@ -159,14 +161,14 @@ class Indexer:
         await self._advance(job, status=Status.INDEXED, chunks_done=len(chunks), indexed_at=utcnow())
 
 
-def _payload(row: DocumentRow, version: str, chunk: Chunk) -> dict:
+def _payload(row: DocumentRow, title: str, version: str, chunk: Chunk) -> dict:
     return {
         "document_id": row.id,
         "version": version,
         "chunk_index": chunk.index,
         "page": chunk.page,
         "text": chunk.text,
-        "title": row.title,
+        "title": title,
         "specialty": row.specialty,
         "source_type": row.source_type,
         "tags": list(row.tags or []),
@@ -227,6 +229,15 @@ class IndexingWorkers:
                 log.warning("could not renew an indexing job", extra={"error": type(exc).__name__})
 
     async def _handle(self, job: Job) -> None:
+        if job.deliveries > MAX_ATTEMPTS:
+            # Every worker that took this job died on it (out of memory on a hostile file, say): stop the crash loop.
+            with contextlib.suppress(Exception):
+                await self._store.advance(
+                    job.document_id, job.generation, status=Status.FAILED,
+                    error=f"indexing stopped {job.deliveries - 1} workers; the file may be hostile or too complex",
+                )  # fmt: skip
+                await self._queue.done(job)
+            return
         heartbeat = asyncio.create_task(self._keep_claim(job))
         try:
             await self._indexer.run(job)

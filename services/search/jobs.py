@@ -29,6 +29,7 @@ class Job:
     generation: int
     attempt: int = 1
     receipt: str = ""  # the stream entry id (mesh mode)
+    deliveries: int = 1  # how often a worker took this very entry: more than once means a worker died on it
 
 
 class QueueFull(Exception):
@@ -113,7 +114,11 @@ class RedisJobQueue:
                 self._key, GROUP, self._consumer, self._claim_idle_ms, start_id="0-0", count=1
             )
             entries = [entry for entry in claimed if entry and entry[1]]
-            if not entries:
+            deliveries = 1
+            if entries:
+                pending = await self._redis.xpending_range(self._key, GROUP, entries[0][0], entries[0][0], 1)
+                deliveries = int(pending[0]["times_delivered"]) if pending else 1
+            else:
                 reply = await self._redis.xreadgroup(
                     GROUP, self._consumer, {self._key: ">"}, count=1, block=self._block_ms
                 )
@@ -125,6 +130,7 @@ class RedisJobQueue:
                     int(fields[b"generation"]),
                     int(fields.get(b"attempt", b"1")),
                     entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                    deliveries,
                 )
 
     async def renew(self, job: Job) -> None:

@@ -70,7 +70,7 @@ def _label(value: str, path: str) -> str:
 
 
 def clean_metadata(meta: Metadata, prefix: str = "metadata") -> Metadata:
-    """Validated, normalised metadata: labels lower-cased, the media type resolved, a title filled in."""
+    """Validated, normalised metadata: labels lower-cased, the media type resolved, the file name as default title."""
     title = " ".join(meta.title.split())
     file_name = meta.file_name.strip().replace("\\", "/").rsplit("/", 1)[-1]
     if len(title) > 500:
@@ -91,7 +91,7 @@ def clean_metadata(meta: Metadata, prefix: str = "metadata") -> Metadata:
             Reason.UNSUPPORTED_MEDIA_TYPE, str(exc),
             violations=[FieldViolation(f"{prefix}.media_type", str(exc), "UNSUPPORTED_MEDIA_TYPE")],
         ) from None  # fmt: skip
-    title = title or file_name or "Untitled document"
+    title = title or file_name  # empty: the indexer takes the file's own title (HTML <title>, PDF info, # heading)
     return Metadata(title, source_type, specialty, tags, file_name, media_type)
 
 
