@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from services.audit.ledger import Ledger, out_of_range
 from services.audit.merkle import Frontier, MissingNode, frontier_at
-from services.audit.store import CheckpointRow
+from services.audit.store import CANONICAL_COLUMNS, CheckpointRow
 from services.core.errors import invalid
-from services.core.ledger_proofs import ZERO_CHAIN, canonical_bytes, chain_hash, leaf_hash, verify_checkpoint
+from services.core.ledger_proofs import ZERO_CHAIN, chain_hashes, leaf_hashes, verify_checkpoint
 
 BATCH = 20_000  # rows per read
-_FIELDS = 19  # canonical columns in a scanned row; then leaf hash, chain hash
+_FIELDS = len(CANONICAL_COLUMNS)  # a scanned row: the canonical columns, then leaf hash and chain hash
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,20 @@ class IntegrityReport:
     tree_size: int = 0
     root_hash: bytes = b""
     checkpoints_checked: int = 0
+
+
+def _first(found: Callable[[int], bool]) -> int:
+    index = 0
+    while not found(index):
+        index += 1
+    return index
+
+
+def _first_difference(computed: list[bytes], stored: list[bytes]) -> int:
+    """The index of the first difference, or the length when there is none."""
+    if computed == stored:
+        return len(computed)
+    return _first(lambda i: computed[i] != stored[i])
 
 
 class _Mismatch(Exception):
@@ -112,25 +126,29 @@ class IntegrityCheck:
         completed: list[tuple[int, int, bytes]],
         checkpoints: list[CheckpointRow],
     ) -> bytes:
-        expected, leaves = start, []
-        try:
-            for row in rows:
-                if row[0] != expected:
-                    raise _Mismatch(expected, f"event {expected} is missing (the next stored event is {row[0]})")
-                leaf = leaf_hash(canonical_bytes(row[:_FIELDS]))
-                if leaf != row[_FIELDS]:
-                    raise _Mismatch(expected, "leaf hash does not match the stored event")
-                chain = chain_hash(chain, leaf)
-                if chain != row[_FIELDS + 1]:
-                    raise _Mismatch(expected, "chain hash does not follow from the previous event and this leaf")
-                leaves.append(leaf)
-                expected += 1
-            if expected <= end:
-                raise _Mismatch(expected, f"event {expected} is missing")
-        finally:
-            # The tree grows by the leaves that passed, so a checkpoint before a bad event is still checked first.
-            self._grow(frontier, leaves, completed, checkpoints)
-        return chain
+        # Sequence numbers are unique and sorted, so there is no gap when the last one is where it should be.
+        count = len(rows)
+        in_order = count if not rows or rows[-1][0] == start + count - 1 else _first(lambda i: rows[i][0] != start + i)
+        leaves = leaf_hashes(rows[:in_order], _FIELDS)
+        chains = chain_hashes(chain, leaves)
+        bad_leaf = _first_difference(leaves, [row[_FIELDS] for row in rows[:in_order]])
+        bad_chain = _first_difference(chains, [row[_FIELDS + 1] for row in rows[:in_order]])
+        good = min(bad_leaf, bad_chain)
+        # The tree grows by the events that passed, so a checkpoint before a bad event is still checked first.
+        self._grow(frontier, leaves[:good], completed, checkpoints)
+        if good < in_order:
+            problem = (
+                "leaf hash does not match the stored event"
+                if bad_leaf == good
+                else ("chain hash does not follow from the previous event and this leaf")
+            )
+            raise _Mismatch(start + good, problem)
+        if in_order < count:
+            missing = start + in_order
+            raise _Mismatch(missing, f"event {missing} is missing (the next stored event is {rows[in_order][0]})")
+        if start + count <= end:
+            raise _Mismatch(start + count, f"event {start + count} is missing")
+        return chains[-1] if chains else chain
 
     def _grow(
         self,

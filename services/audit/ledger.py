@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from services.audit.events import NewEvent, now_micros
 from services.audit.merkle import Frontier, MissingNode, TreeReader, consistency_ranges, inclusion_ranges
-from services.audit.store import AuditStore, Head
+from services.audit.store import CANONICAL_COLUMNS, AuditStore, Head
 from services.core.errors import Reason, ServiceError, invalid
-from services.core.ledger_proofs import EMPTY_ROOT, canonical_bytes, chain_hash, leaf_hash
+from services.core.ledger_proofs import EMPTY_ROOT, chain_hashes, leaf_hashes
 
 
 @dataclass(frozen=True)
@@ -78,25 +78,28 @@ class Ledger:
         batch). All or nothing."""
         async with self._lock, self.store.append_transaction() as txn:
             seen = await txn.known_event_ids(list({e.event_id for e in events}))
+            fresh = []
+            for event in events:
+                if event.event_id not in seen:
+                    seen.add(event.event_id)
+                    fresh.append(event)
             frontier = Frontier.decode(txn.head.tree_size, txn.head.frontier)
-            chain = txn.head.chain_hash
             commit_time = now_micros()
-            rows, nodes = [], []
-            for e in events:
-                if e.event_id in seen:
-                    continue
-                seen.add(e.event_id)
-                values = (
-                    frontier.size + 1, e.event_id, e.event_time_us, commit_time, e.actor_id, e.actor_email,
+            values = [
+                (
+                    frontier.size + 1 + i, e.event_id, e.event_time_us, commit_time, e.actor_id, e.actor_email,
                     e.actor_role, e.action, e.resource_type, e.resource_id, e.outcome, e.failure_reason,
                     e.request_id, e.client_ip, e.user_agent, e.service, e.method, e.metadata, e.appended_by,
-                )  # fmt: skip
-                leaf = leaf_hash(canonical_bytes(values))
-                chain = chain_hash(chain, leaf)
-                frontier.append(leaf, nodes)
-                rows.append((*values, leaf, chain))
+                )
+                for i, e in enumerate(fresh)
+            ]  # fmt: skip
+            leaves = leaf_hashes(values, len(CANONICAL_COLUMNS))
+            chains = chain_hashes(txn.head.chain_hash, leaves)
+            nodes: list[tuple[int, int, bytes]] = []
+            frontier.extend(leaves, nodes)
+            rows = [(*v, leaf, chain) for v, leaf, chain in zip(values, leaves, chains, strict=True)]
             if rows:
-                await txn.write(rows, nodes, Head(frontier.size, chain, frontier.encode()))
+                await txn.write(rows, nodes, Head(frontier.size, chains[-1], frontier.encode()))
         return AppendResult(len(rows), len(events) - len(rows), frontier.size, frontier.root())
 
     async def head(self) -> Head:

@@ -79,6 +79,23 @@ def canonical_bytes(values: Sequence[Any]) -> bytes:
     return _json((CANONICAL_VERSION, *values)).encode()
 
 
+def leaf_hashes(rows: Sequence[Sequence[Any]], width: int) -> list[bytes]:
+    """The leaf hash of each row's first `width` values (an event's canonical values), in bulk."""
+    if _c_encoder is None:
+        return [leaf_hash(canonical_bytes(row[:width])) for row in rows]
+    sha256, encode, version = _sha256, _c_encoder, CANONICAL_VERSION
+    return [sha256(b"\x00" + "".join(encode((version, *row[:width]), 0)).encode()).digest() for row in rows]
+
+
+def chain_hashes(previous: bytes, leaves: Sequence[bytes]) -> list[bytes]:
+    """The chain hash after each of `leaves`, starting from `previous`."""
+    chained = []
+    for leaf in leaves:
+        previous = _sha256(previous + leaf).digest()
+        chained.append(previous)
+    return chained
+
+
 def timestamp_micros(stamp: Any) -> int:
     """Microseconds since the epoch of a google.protobuf.Timestamp (the ledger keeps microseconds)."""
     return stamp.seconds * 1_000_000 + stamp.nanos // 1000

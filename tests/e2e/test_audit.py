@@ -614,6 +614,12 @@ async def test_tampering_is_caught_by_verify_integrity_and_by_the_independent_ve
         assert (report.ok, report.first_bad_sequence) == (False, target)
         assert report.problem == "chain hash does not follow from the previous event and this leaf"
         assert await proofs_verify() == (False, False)
+
+        # An event removed outright leaves a gap in the sequence.
+        await _superuser_edit(ledger, "DELETE FROM ledger WHERE sequence = $1", target + 5)
+        report = stub.VerifyIntegrity(A.VerifyIntegrityRequest(start_sequence=target + 1), metadata=admin, timeout=60)
+        assert (report.ok, report.first_bad_sequence, report.checked_count) == (False, target + 5, 4)
+        assert report.problem == f"event {target + 5} is missing (the next stored event is {target + 6})"
     finally:
         channel.close()
         _stop(audit)
