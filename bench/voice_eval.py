@@ -41,7 +41,7 @@ from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 V = voice_pb2
 LATENCY_PARALLEL = 4  # paced streams at once while measuring final-transcript latency
 FIRST_AUDIO_QUESTIONS = 8  # spoken questions for the first-audio latency
-CONCURRENCY_LEVELS = (1, 2, 4, 8, 12, 16)
+CONCURRENCY_LEVELS = (1, 2, 4, 8, 10, 12, 16)
 STREAM_SECONDS = 15.0  # paced speech per stream in the concurrency test
 KEEP_UP_MS = 1000.0  # a final later than this after the last chunk means the stream fell behind
 

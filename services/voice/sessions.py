@@ -110,7 +110,7 @@ class SessionRegistry:
         except ServiceError as exc:
             outcome = exc.reason.value
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (a streaming handler is closed)
             outcome = "CLIENT_CANCELLED"
             raise
         except Exception:
