@@ -48,7 +48,11 @@ class SearchSettings(ServiceSettings):
     )
     snippet_chars: int = Field(480, description="Longest snippet returned per result, cut around the query terms.")
     collection: str = Field("kb_chunks", description="Qdrant collection (server) or shard folder (embedded).")
-    index_workers: int = Field(1, description="Documents indexed at once by each search process.")
+    index_workers: int = Field(
+        2,
+        description="Documents indexed at once by each search process: a small document need not wait behind a long "
+        "one, and one worker's database and index writes overlap the other's embedding (which runs one at a time).",
+    )
     queue_max_pending: int = Field(
         10_000, description="Embedded mode: most documents waiting in the in-process queue before uploads are refused."
     )
