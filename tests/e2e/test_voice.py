@@ -220,7 +220,7 @@ async def test_text_turns_answer_in_an_existing_conversation_without_speech(
 
     # Another account cannot talk in this conversation: it does not exist for them.
     other = ConverseStream.open(voice, library.other.metadata, config(conversation_id=conversation.id))
-    await other.finish()
+    await other.ended()
     assert other.error is not None and other.error.code() == grpc.StatusCode.NOT_FOUND
     assert error_reason(other.error) == "NOT_FOUND" and other.received == []
 
@@ -331,9 +331,16 @@ async def test_malformed_message_mid_stream_ends_it_with_invalid_argument(
 
 
 async def test_voice_needs_a_valid_token(voice: voice_pb2_grpc.VoiceServiceStub) -> None:
-    stream = ConverseStream.open(voice, (("authorization", "Bearer not-a-token"),), config())
-    await stream.finish()
-    assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNAUTHENTICATED
+    async def nothing() -> AsyncIterator[voice_pb2.ConverseRequest]:
+        # Refused on its headers: a client that wrote meanwhile could see its own write fail instead of the status.
+        await asyncio.Event().wait()
+        yield V.ConverseRequest()
+
+    call = voice.Converse(nothing(), metadata=(("authorization", "Bearer not-a-token"),))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    call.cancel()
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_voice_json_needs_a_token(edge_http: httpx.Client) -> None:
@@ -454,8 +461,8 @@ async def test_idle_and_overlong_streams_are_ended(limited: LimitedVoice, librar
         assert error_reason(idle.error) == "IDLE_TIMEOUT"
 
         long = ConverseStream.open(stub, library.user.metadata, config(synthesize_speech=False))
-        await long.send_audio(bytes(32000 * 9), speed=0)  # 9 s of audio in a stream allowed 8
-        await long.finish()
+        await long.send_audio(bytes(32000 * 82 // 10), speed=0)  # 8.2 s of audio in a stream allowed 8
+        await long.ended()
         assert long.error is not None and long.error.code() == grpc.StatusCode.OUT_OF_RANGE
         assert error_reason(long.error) == "SESSION_TOO_LONG"
 
@@ -467,7 +474,7 @@ async def test_one_account_holds_a_bounded_number_of_streams(limited: LimitedVoi
         for stream in held:
             await stream.wait_for(kind_is("session_started"))
         third = ConverseStream.open(stub, library.other.metadata, config(synthesize_speech=False))
-        await third.finish()
+        await third.ended()
         assert third.error is not None and third.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(third.error) == "RATE_LIMITED"
         for stream in held:
