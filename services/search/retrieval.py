@@ -16,6 +16,7 @@ MAX_QUERY_CHARS = 2000
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 50
 MAX_DEPTH = 250  # paging stops this many results deep
+TIE_MARGIN = 10  # results fetched past the page so that ties at its edge are ordered the same on every page
 MAX_FILTER_DOCUMENTS = 100
 MAX_FILTER_TAGS = 32
 
@@ -106,13 +107,16 @@ class Retriever:
             dense = (await self._embedder.embed([query]))[0].tolist()
         hits: list[Hit] = []
         if dense is not None or terms:
+            # Rank fusion ties often (ranks 1+3 score as 3+1) and the engine orders ties as it likes, so pages are cut
+            # from one deterministic order: a window from the top, sorted by score then id, a few spare past the page.
             hits = await self._index.search(
                 SearchQuery(
-                    mode=mode, dense=dense, sparse=sparse if terms else None, filter=chunks, limit=limit,
-                    offset=offset, prefetch=self._prefetch, rrf_k=self._rrf_k,
+                    mode=mode, dense=dense, sparse=sparse if terms else None, filter=chunks,
+                    limit=offset + limit + TIE_MARGIN, offset=0, prefetch=self._prefetch, rrf_k=self._rrf_k,
                 )
             )  # fmt: skip
-        results = [self._result(hit, terms) for hit in hits]
+            hits.sort(key=lambda hit: (-hit.score, hit.id))
+        results = [self._result(hit, terms) for hit in hits[offset : offset + limit]]
         following = offset + len(results)
         token = encode_page_token([following], fingerprint) if len(results) == limit and following < MAX_DEPTH else ""
         return Results(results, mode, token)
