@@ -1,8 +1,10 @@
 """The embedded vector store: Qdrant's engine in this process (qdrant-edge-py), one shard under DATA_DIR.
 
-The shard's write-ahead log makes every acknowledged upsert durable. The engine locks its folder, so a second
-process pointed at the same DATA_DIR fails at start-up instead of corrupting it (several search processes need
-a Qdrant server: QDRANT_URL). Calls run in worker threads; the engine is thread-safe and releases the GIL.
+The shard keeps a write-ahead log and recovers from it after a crash (an interrupted job re-checks which of its
+chunks are stored, so whatever the log had not written yet is simply embedded again). The engine locks its folder,
+so a second process pointed at the same DATA_DIR fails at start-up instead of corrupting it (several search
+processes need a Qdrant server: QDRANT_URL). Calls run in worker threads, so the event loop never waits on the
+engine.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import qdrant_edge as qe
 from services.search.embeddings import DIMENSIONS
 from services.search.index import DENSE, KEYWORD_FIELDS, PENDING, READY, SPARSE, ChunkFilter, ChunkPoint, Hit, Mode
 from services.search.index import SearchQuery as Query
+from services.search.sparse import SparseVector
 
 # Building the HNSW graph pays off only once plain segments hold this many unindexed points.
 OPTIMIZE_AFTER_POINTS = 2000
@@ -37,7 +40,7 @@ def _is_document(document_id: str) -> qe.FieldCondition:
     return qe.FieldCondition("document_id", match=qe.MatchValue(document_id))
 
 
-def _sparse(vector) -> qe.SparseVector:
+def _sparse(vector: SparseVector) -> qe.SparseVector:
     return qe.SparseVector(vector.indices, vector.values)
 
 

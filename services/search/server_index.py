@@ -12,6 +12,7 @@ from qdrant_client import models as qm
 from services.search.embeddings import DIMENSIONS
 from services.search.index import DENSE, KEYWORD_FIELDS, PENDING, READY, SPARSE, ChunkFilter, ChunkPoint, Hit, Mode
 from services.search.index import SearchQuery as Query
+from services.search.sparse import SparseVector
 
 
 def _filter(chunks: ChunkFilter) -> qm.Filter:
@@ -26,7 +27,7 @@ def _is_document(document_id: str) -> qm.FieldCondition:
     return qm.FieldCondition(key="document_id", match=qm.MatchValue(value=document_id))
 
 
-def _sparse(vector) -> qm.SparseVector:
+def _sparse(vector: SparseVector) -> qm.SparseVector:
     return qm.SparseVector(indices=vector.indices, values=vector.values)
 
 
