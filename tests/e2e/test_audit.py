@@ -30,6 +30,7 @@ from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import (
     Account,
+    error_reason,
     json_login,
     json_reason,
     register_and_login,
@@ -178,6 +179,33 @@ def test_export_streams_ndjson_through_envoy(mesh_http: httpx.Client) -> None:
     assert json.loads(resumed.text.splitlines()[0])["event"]["eventId"] == listed[1]["eventId"]
 
 
+def test_an_error_mid_export_is_the_last_ndjson_line_and_the_calls_status(
+    mesh: Cluster, mesh_http: httpx.Client, audit_stub: audit_pb2_grpc.AuditServiceStub
+) -> None:
+    account = _register_json(mesh_http)
+    first, second = _poll(lambda: len(found := _json_events(mesh_http, account)) == 2 and found, "two events")
+    schema, sequence = mesh.env["DATABASE_SCHEMA_PREFIX"] + "audit", int(second["sequence"])
+    [original] = asyncio.run(_fetch(schema, "SELECT metadata FROM ledger WHERE sequence = $1", sequence))
+    damage = "UPDATE ledger SET metadata = $1 WHERE sequence = $2"
+    asyncio.run(_superuser_edit(schema, damage, "{broken", sequence))
+    try:
+        with mesh_http.stream("GET", "/v1/audit/events:export", headers=account.headers) as reply:
+            assert reply.status_code == 200  # the first event went out before the damaged one was read
+            lines = [json.loads(line) for line in reply.iter_lines() if line]
+        assert lines[0]["event"]["eventId"] == first["eventId"] and len(lines) == 2
+        error = lines[-1]["error"]
+        assert error["code"] == grpc.StatusCode.DATA_LOSS.value[0] and json_reason(error) == "LEDGER_DAMAGED"
+        assert f"event {sequence} is damaged" in error["message"]
+        with pytest.raises(grpc.RpcError) as caught:
+            list(audit_stub.ExportEvents(A.ExportEventsRequest(), metadata=account.metadata, timeout=30))
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS and error_reason(caught.value) == "LEDGER_DAMAGED"
+    finally:
+        asyncio.run(_superuser_edit(schema, damage, original["metadata"], sequence))
+    replies = list(audit_stub.ExportEvents(A.ExportEventsRequest(), metadata=account.metadata, timeout=30))
+    assert [r.event.event_id for r in replies[:2]] == [first["eventId"], second["eventId"]]
+    assert {r.event.action for r in replies[2:]} <= {"audit.events.export"}  # reading the trail is audited too
+
+
 def test_bad_input_gets_precise_errors(mesh_http: httpx.Client, mesh_admin: Account) -> None:
     headers = mesh_admin.headers
 
@@ -210,12 +238,15 @@ def test_bad_input_gets_precise_errors(mesh_http: httpx.Client, mesh_admin: Acco
     ]
     for reply in beyond:
         assert reply.status_code == 400 and json_reason(reply.json()) == "OUT_OF_RANGE", reply.text
+    backwards = {"filter.startTime": "2030-01-02T00:00:00Z", "filter.endTime": "2030-01-01T00:00:00Z"}
     invalid = [
         mesh_http.get("/v1/audit/proofs/inclusion", params={"sequence": 0}, headers=headers),
         mesh_http.get("/v1/audit/events/not-a-uuid", headers=headers),
-        mesh_http.get("/v1/audit/events", params={"filter.startTime": "2030-01-02T00:00:00Z",
-                                                  "filter.endTime": "2030-01-01T00:00:00Z"}, headers=headers),
-    ]  # fmt: skip
+        mesh_http.get("/v1/audit/events", params=backwards, headers=headers),
+        # Refused before the first event: a real HTTP error, not a 200 stream.
+        mesh_http.get("/v1/audit/events:export", params=backwards, headers=headers),
+        mesh_http.get("/v1/audit/events:export", params={"afterSequence": "-1"}, headers=headers),
+    ]
     for reply in invalid:
         assert reply.status_code == 400 and json_reason(reply.json()) == "VALIDATION_ERROR", reply.text
     unknown = mesh_http.get("/v1/audit/events", params={"filter.colour": "blue"}, headers=headers)
@@ -362,15 +393,10 @@ class Ledger:
 
     async def connect(self) -> asyncpg.Connection:
         """A connection to the audit schema, as the database superuser."""
-        url = TEST_DATABASE_URL.replace("+asyncpg", "")
-        return await asyncpg.connect(url, server_settings={"search_path": self.schema})
+        return await _connect(self.schema)
 
     async def sql(self, query: str, *args):
-        connection = await self.connect()
-        try:
-            return await connection.fetch(query, *args)
-        finally:
-            await connection.close()
+        return await _fetch(self.schema, query, *args)
 
     def start_audit(self, **env: str) -> Server:
         return self.cluster.start("audit", **env)
@@ -601,7 +627,9 @@ async def test_tampering_is_caught_by_verify_integrity_and_by_the_independent_ve
             with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError, match="append-only"):
                 await ledger.sql(statement)
         # ...until a superuser turns the trigger off and edits an event.
-        await _superuser_edit(ledger, "UPDATE ledger SET action = $1 WHERE sequence = $2", "auth.login.failure", target)
+        await _superuser_edit(
+            ledger.schema, "UPDATE ledger SET action = $1 WHERE sequence = $2", "auth.login.failure", target
+        )
         report = stub.VerifyIntegrity(A.VerifyIntegrityRequest(), metadata=admin, timeout=60)
         assert (report.ok, report.first_bad_sequence) == (False, target)
         assert report.problem == "leaf hash does not match the stored event"
@@ -609,14 +637,14 @@ async def test_tampering_is_caught_by_verify_integrity_and_by_the_independent_ve
 
         # A careful forger rewrites the leaf hash too: the chain and the signed old tree both give it away.
         forged = lp.event_leaf_hash(await event_at(target))
-        await _superuser_edit(ledger, "UPDATE ledger SET leaf_hash = $1 WHERE sequence = $2", forged, target)
+        await _superuser_edit(ledger.schema, "UPDATE ledger SET leaf_hash = $1 WHERE sequence = $2", forged, target)
         report = stub.VerifyIntegrity(A.VerifyIntegrityRequest(start_sequence=target), metadata=admin, timeout=60)
         assert (report.ok, report.first_bad_sequence) == (False, target)
         assert report.problem == "chain hash does not follow from the previous event and this leaf"
         assert await proofs_verify() == (False, False)
 
         # An event removed outright leaves a gap in the sequence.
-        await _superuser_edit(ledger, "DELETE FROM ledger WHERE sequence = $1", target + 5)
+        await _superuser_edit(ledger.schema, "DELETE FROM ledger WHERE sequence = $1", target + 5)
         report = stub.VerifyIntegrity(A.VerifyIntegrityRequest(start_sequence=target + 1), metadata=admin, timeout=60)
         assert (report.ok, report.first_bad_sequence, report.checked_count) == (False, target + 5, 4)
         assert report.problem == f"event {target + 5} is missing (the next stored event is {target + 6})"
@@ -625,9 +653,22 @@ async def test_tampering_is_caught_by_verify_integrity_and_by_the_independent_ve
         _stop(audit)
 
 
-async def _superuser_edit(ledger: Ledger, statement: str, *args) -> None:
+async def _connect(schema: str) -> asyncpg.Connection:
+    """A connection to an audit schema, as the database superuser."""
+    return await asyncpg.connect(TEST_DATABASE_URL.replace("+asyncpg", ""), server_settings={"search_path": schema})
+
+
+async def _fetch(schema: str, query: str, *args) -> list:
+    connection = await _connect(schema)
+    try:
+        return await connection.fetch(query, *args)
+    finally:
+        await connection.close()
+
+
+async def _superuser_edit(schema: str, statement: str, *args) -> None:
     """Run `statement` on the ledger with its append-only trigger switched off, as only a superuser can."""
-    connection = await ledger.connect()
+    connection = await _connect(schema)
     try:
         async with connection.transaction():
             await connection.execute("ALTER TABLE ledger DISABLE TRIGGER ledger_append_only")
