@@ -221,8 +221,11 @@ class SphinxRecognizer:
         """A stream in the least loaded live process; hint words the dictionary lacks get pronunciations."""
         unknown = [w for w in words_of(hints) if w not in self._known and w not in self._vocabulary]
         extra = sorted((await self._pronouncer.pronounce(unknown)).items()) if unknown else []
-        live = [p for p in self._processes if p.alive]
         self._restart_dead()
+        live = [p for p in self._processes if p.alive]
+        if not live and self._restarts:  # every process died: wait for a replacement rather than fail the session
+            await asyncio.wait(set(self._restarts), timeout=START_TIMEOUT_SECONDS)
+            live = [p for p in self._processes if p.alive]
         if not live:
             raise RecognizerUnavailable("no recognizer process is running")
         process = min(live, key=lambda p: p.streams)

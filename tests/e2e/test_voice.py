@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 
 from services.core.settings import ROOT
 from services.voice.audio import resample
@@ -569,3 +570,32 @@ async def test_barge_in_cancels_the_answer_being_written(slow: SlowSystem) -> No
         assert not slow.model.finished.is_set()
         assert done.at - barge.at < 1.0
         stream.cancel()
+
+
+def recognizer_pids(server: Server) -> list[int]:
+    """The recognizer processes of a voice server (its children running the worker module)."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True,
+                         text=True, check=False).stdout  # fmt: skip
+    return [int(line.split()[0]) for line in out.splitlines() if "sphinx_worker" in line]
+
+
+async def test_a_crashed_recognizer_costs_one_utterance_not_the_session(
+    limited: LimitedVoice, library: Library
+) -> None:
+    lost, kept = utterance(QUESTION_AUDIO), utterance("ls_1089-134691-0000")
+    [pid] = recognizer_pids(limited.server)
+    async with grpc.aio.insecure_channel(limited.server.address) as channel:
+        stub = voice_pb2_grpc.VoiceServiceStub(channel)
+        stream = ConverseStream.open(stub, library.user.metadata, config(synthesize_speech=False))
+        await stream.send_audio(lost.pcm[: 32 * 1500], speed=0)
+        await stream.wait_for(kind_is("transcript", turn=1))  # decoding is under way ...
+        os.kill(pid, signal.SIGKILL)  # ... when the recognizer process dies
+        await stream.send_audio(lost.pcm[32 * 1500 : 32 * 2500] + bytes(32000), speed=0)  # (the stream may last 8 s)
+        problem = await stream.wait_for(kind_is("error", turn=1))
+        assert problem.message.error.code == code_pb2.UNAVAILABLE
+        await stream.send_audio(kept.pcm + bytes(32000), speed=0)
+        final = await stream.wait_for(kind_is("transcript", is_final=True))
+        assert final.message.transcript.text == "he could wait no longer"
+        stream.cancel()
+    [replacement] = recognizer_pids(limited.server)
+    assert replacement != pid
