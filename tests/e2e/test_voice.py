@@ -599,3 +599,25 @@ async def test_a_crashed_recognizer_costs_one_utterance_not_the_session(
         stream.cancel()
     [replacement] = recognizer_pids(limited.server)
     assert replacement != pid
+
+
+@pytest.mark.mesh
+async def test_converse_on_the_production_path(mesh: Cluster) -> None:
+    """One process per service on PostgreSQL and Redis: voice reaches rag over the network, the token is checked
+    against the Redis revocation list before the turn, the session lands in the PostgreSQL ledger."""
+    assert mesh.envoy is not None
+    with grpc.insecure_channel(mesh.envoy.address) as sync_channel:
+        account = register_and_login(sync_channel)
+        audit = audit_pb2_grpc.AuditServiceStub(sync_channel)
+        async with grpc.aio.insecure_channel(mesh.envoy.address) as channel:
+            stub = voice_pb2_grpc.VoiceServiceStub(channel)
+            stream = ConverseStream.open(stub, account.metadata, config(output_sample_rate_hertz=8000))
+            started = await stream.wait_for(kind_is("session_started"))
+            await stream.send(V.ConverseRequest(text=TEXT_QUESTION))
+            done = await stream.wait_for(kind_is("turn_completed", turn=1), within=90)
+            await stream.finish()
+        assert done.message.turn_completed.message_id and not done.message.turn_completed.cancelled
+        audio = stream.of_kind("audio", 1)
+        assert audio and {m.audio.sample_rate_hertz for m in audio} == {8000}
+        events = await asyncio.to_thread(session_events, audit, account, started.message.session_started.session_id)
+        assert {e.action for e in events} == {"voice.session.start", "voice.session.end"}
