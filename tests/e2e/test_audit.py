@@ -451,25 +451,24 @@ async def test_ten_thousand_events_survive_an_audit_outage_exactly_once(ledger: 
     ids += await _produce(ledger, 7000, service)
     assert time.monotonic() - started < 30  # producers never wait for the audit service
     assert ledger.redis().xlen(ledger.stream) > 0
-    audit = ledger.start_audit()
+    # Back with two consumers at once: they share the stream and take turns on the ledger head.
+    consumers = [ledger.start_audit(AUDIT_BATCH_SIZE="200"), ledger.start_audit(AUDIT_BATCH_SIZE="200")]
     try:
         query = "SELECT count(*) AS n FROM ledger WHERE service = $1"
-        await _async_poll(lambda: ledger.sql(query, service), lambda rows: rows[0]["n"] == 10_000, "10,000 rows")
+        await _async_poll(lambda: ledger.sql(query, service), lambda rows: rows[0]["n"] >= 10_000, "10,000 rows")
         [row] = await ledger.sql(
-            "SELECT count(*) AS n, count(DISTINCT event_id) AS ids, min(sequence) AS lo, max(sequence) AS hi "
-            "FROM ledger WHERE service = $1", service,
-        )  # fmt: skip
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS ids FROM ledger WHERE service = $1", service
+        )
         [whole] = await ledger.sql("SELECT count(*) AS n, min(sequence) AS lo, max(sequence) AS hi FROM ledger")
         assert row["n"] == row["ids"] == 10_000
         assert whole["lo"] == 1 and whole["hi"] == whole["n"]  # gapless
         stored = {r["event_id"] for r in await ledger.sql("SELECT event_id FROM ledger WHERE service = $1", service)}
         assert stored == set(ids)
-        ordered = [r["n"] for r in await ledger.sql(
-            "SELECT metadata::json->>'n' AS n FROM ledger WHERE service = $1 ORDER BY sequence", service)]  # fmt: skip
-        assert ordered == [str(i) for i in range(3000)] + [str(i) for i in range(7000)]  # producer order kept
         assert ledger.redis().xlen(ledger.stream) == 0
+        assert all("audit batch not committed" not in c.log_text() for c in consumers)
     finally:
-        _stop(audit)
+        for consumer in consumers:
+            _stop(consumer)
 
 
 async def _async_poll(fetch, done, what: str, seconds: float = POLL_SECONDS):
@@ -528,6 +527,8 @@ async def test_entries_that_cannot_be_committed_are_set_aside_without_blocking_t
                         service=service, metadata={f"k{i}": "v" for i in range(40)})  # fmt: skip
     client.xadd(ledger.stream, {"event": oversized.SerializeToString()})
     ids = await _produce(ledger, 5, service)
+    [again] = client.xrange(ledger.stream, count=3)[2:]  # the first good event, sent twice (a producer's retry)
+    client.xadd(ledger.stream, again[1])
     audit = ledger.start_audit()
     try:
         query = "SELECT event_id FROM ledger WHERE service = $1"
