@@ -29,6 +29,7 @@ from typing import Protocol
 
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 
 from services.core.context import Caller, current_request
 from services.core.errors import FieldViolation, Reason, ServiceError
@@ -214,6 +215,8 @@ class RedisStreamSink(BufferedSink):
                 return
             except REDIS_ERRORS as exc:
                 self._redis.mark_down(exc)
+            except RedisError as exc:  # e.g. out of memory: Redis is up but refuses writes; never fail the caller
+                log.warning("redis refused an audit event", extra={"error": type(exc).__name__})
         self._enqueue(Pending(event))
 
     async def _deliver(self, batch: list[Pending]) -> int:
@@ -227,6 +230,8 @@ class RedisStreamSink(BufferedSink):
                 await pipe.execute()
         except REDIS_ERRORS as exc:
             self._redis.mark_down(exc)
+            return 0
+        except RedisError:
             return 0
         SENT.labels(self.transport).inc(len(batch))
         return len(batch)
