@@ -27,27 +27,32 @@ def forwarded_metadata(metadata: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-class _ForwardIdentity(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=grpc.aio.Metadata(*forwarded_metadata(details.metadata)))
+def _forwarding(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    return details._replace(metadata=grpc.aio.Metadata(*forwarded_metadata(details.metadata)))
 
+
+# grpc.aio files an interceptor under the first call type it implements only, so each type needs its own class.
+class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[override]
-        return await continuation(self._details(details), request)
+        return await continuation(_forwarding(details), request)
 
+
+class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[override]
-        return await continuation(self._details(details), request)
+        return await continuation(_forwarding(details), request)
 
+
+class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[override]
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(_forwarding(details), request_iterator)
 
+
+class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[override]
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(_forwarding(details), request_iterator)
+
+
+_FORWARDERS = (_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(), _ForwardStreamStream())
 
 
 CLIENT_OPTIONS = [
@@ -59,7 +64,7 @@ CLIENT_OPTIONS = [
 
 def open_channel(target: str) -> grpc.aio.Channel:
     """An insecure channel (mesh traffic stays on the private network) that forwards the caller's identity."""
-    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=[_ForwardIdentity()])
+    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=list(_FORWARDERS))
 
 
 class ChannelPool:

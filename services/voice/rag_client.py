@@ -14,7 +14,6 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.core.clients import forwarded_metadata
 from services.core.errors import Reason, ServiceError
 from services.voice.conversation import AnswerDelta, AnswerDone, AnswerEvent, AnswerFailed, AnswerSources
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
@@ -74,9 +73,7 @@ class RagAnswers:
             clinical_context=clinical_context,
             client_message_id=client_message_id,
         )
-        # The pool's identity-forwarding interceptor only reaches unary-unary calls (grpc.aio files an interceptor
-        # under the first call kind it implements), so this streaming call forwards the caller's identity itself.
-        call = self._stub.StreamAsk(request, timeout=self._answer_timeout, metadata=forwarded_metadata(()))
+        call = self._stub.StreamAsk(request, timeout=self._answer_timeout)
         try:
             async for reply in call:
                 kind = reply.WhichOneof("event")
