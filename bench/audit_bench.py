@@ -140,15 +140,19 @@ def main() -> None:
             drop_schemas(cluster.env["DATABASE_SCHEMA_PREFIX"])
             client.delete(*client.keys(cluster.env["REDIS_KEY_PREFIX"] + "*") or ["-"])
             client.close()
+
+    def spread(values: list[float], unit: str, digits: int = 0) -> str:
+        return f"{median(values):,.{digits}f} {unit} (runs {min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
     table(
         "audit (mesh mode: PostgreSQL + Redis, 2 cores shared with the database and this script)",
         [
-            (f"append from the stream, 1 event per commit (median of {RUNS})", f"{median(unbatched):,.0f} events/s"),
+            (f"append from the stream, 1 event per commit (median of {RUNS})", spread(unbatched, "events/s")),
             (f"append from the stream, batches of 500 (median of {RUNS}; target >= 5,000)",
-             f"{median(batched):,.0f} events/s"),
+             spread(batched, "events/s")),
             (f"bulk load to {VERIFY_EVENTS:,} events (ledger code, 5,000 per commit)", f"{load_seconds:.0f} s"),
             (f"VerifyIntegrity over {reports[0].checked_count:,} events, {reports[0].checkpoints_checked} checkpoints "
-             f"(median of {RUNS}; target <= 10 s)", f"{median(verify):.1f} s"),
+             f"(median of {RUNS}; target <= 10 s)", spread(verify, "s", 1)),
             (f"GetInclusionProof at tree size {signed.tree_size:,}, p50 / p95 ({PROOFS} proofs, gRPC direct)",
              f"{median(proof_ms):.1f} / {percentile(proof_ms, 95):.1f} ms"),
         ],
