@@ -9,7 +9,6 @@ grace period, close the services' resources, return (exit code 0).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -177,9 +176,13 @@ async def serve(
     prober.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
-    for service in hosted:
+    # Reverse registry order: the services that call others (and record audit events while closing) stop before
+    # the ones they depend on; the audit consumer drains last but for auth.
+    for service in reversed(hosted):
         if service.close is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await service.close()
+            except Exception:
+                log.exception("closing %s failed", service.spec.name)
     await runtime.close()
     log.info("stopped")

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from services import envoy_config, launcher
 from services.core import registry
 from services.core.settings import ROOT
@@ -149,9 +151,24 @@ class Cluster:
         return self.envoy
 
     def stop(self) -> list[int]:
-        """Stop everything; exit codes."""
+        """Stop everything and forget this cluster's Redis keys; exit codes."""
         processes = [s.process for s in self.servers] + ([self.envoy.process] if self.envoy else [])
-        return launcher.stop_all(processes)
+        codes = launcher.stop_all(processes)
+        if self.env.get("REDIS_URL"):
+            _delete_redis_prefix(self.env["REDIS_URL"], self.env["REDIS_KEY_PREFIX"])
+        return codes
+
+
+def _delete_redis_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass  # a test that stopped its own Redis: nothing to clean
+    finally:
+        client.close()
 
 
 def all_upstreams(server: Server) -> dict[str, Server]:
