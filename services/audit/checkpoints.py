@@ -12,19 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.audit.events import now_micros
 from services.audit.ledger import Ledger
 from services.audit.store import AuditStore, CheckpointRow, Head, SigningKeyRow
+from services.core.keystore import load_private_key, private_key_pem, raw_public_key
 from services.core.ledger_proofs import checkpoint_text, key_id
 
 log = logging.getLogger(__name__)
-
-
-def _raw_public(private_key: Ed25519PrivateKey) -> bytes:
-    return private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 @dataclass(frozen=True)
@@ -52,27 +48,19 @@ class CheckpointKeys:
             await self._add(generation=1)
             rows = await self._store.signing_keys()
         newest = rows[0]
-        try:
-            private_key = serialization.load_pem_private_key(newest.private_pem.encode(), self._passphrase or None)
-        except (TypeError, ValueError):
-            raise RuntimeError(
-                "cannot decrypt the audit checkpoint key: AUDIT_KEY_PASSPHRASE differs from the one it was made with"
-            ) from None
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise RuntimeError("the audit checkpoint key is not an Ed25519 key")
+        private_key = load_private_key(newest.private_pem, self._passphrase, "AUDIT_KEY_PASSPHRASE")
         self.current = SigningKey(newest.key_id, private_key, bytes(newest.public_key))
         self.public_keys = {r.key_id: bytes(r.public_key) for r in rows}
 
     async def _add(self, generation: int) -> None:
         private_key = Ed25519PrivateKey.generate()
-        encryption = (
-            serialization.BestAvailableEncryption(self._passphrase)
-            if self._passphrase
-            else serialization.NoEncryption()
+        public = raw_public_key(private_key)
+        row = SigningKeyRow(
+            key_id=key_id(public),
+            generation=generation,
+            public_key=public,
+            private_pem=private_key_pem(private_key, self._passphrase),
         )
-        pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-        public = _raw_public(private_key)
-        row = SigningKeyRow(key_id=key_id(public), generation=generation, public_key=public, private_pem=pem.decode())
         if await self._store.add_signing_key(row):
             log.info("checkpoint signing key made", extra={"key_id": row.key_id, "encrypted": bool(self._passphrase)})
 

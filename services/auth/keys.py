@@ -16,11 +16,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.auth.store import AuthStore, SigningKeyRow
 from services.core.db import utcnow
+from services.core.keystore import load_private_key, private_key_pem, raw_public_key
 
 log = logging.getLogger(__name__)
 ALGORITHM = "EdDSA"
@@ -43,13 +43,13 @@ class SigningKey:
     @property
     def public_jwk(self) -> dict[str, str]:
         """RFC 8037 OKP public key."""
-        raw = self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        raw = raw_public_key(self.private_key)
         return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw), "kid": self.kid, "alg": ALGORITHM, "use": "sig"}
 
 
 def thumbprint(private_key: Ed25519PrivateKey) -> str:
     """RFC 7638 JWK thumbprint of the public key: the key id."""
-    raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = raw_public_key(private_key)
     canonical = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}, separators=(",", ":"), sort_keys=True)
     return _b64url(hashlib.sha256(canonical.encode()).digest())
 
@@ -78,12 +78,11 @@ class SigningKeyRing:
 
     async def _load(self) -> None:
         rows = await self._store.signing_keys()
-        password = self._passphrase or None
         self._keys = [
             SigningKey(
                 kid=r.kid,
                 generation=r.generation,
-                private_key=serialization.load_pem_private_key(r.private_pem.encode(), password=password),  # type: ignore[arg-type]
+                private_key=load_private_key(r.private_pem, self._passphrase, "AUTH_KEY_PASSPHRASE"),
                 activates_at=r.activates_at,
                 retires_at=r.retires_at,
             )
@@ -92,18 +91,12 @@ class SigningKeyRing:
 
     async def _add(self, activates_at: datetime) -> None:
         private_key = Ed25519PrivateKey.generate()
-        encryption = (
-            serialization.BestAvailableEncryption(self._passphrase)
-            if self._passphrase
-            else serialization.NoEncryption()
-        )
-        pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
         generation = max((k.generation for k in self._keys), default=0) + 1
         row = SigningKeyRow(
             kid=thumbprint(private_key),
             generation=generation,
             algorithm=ALGORITHM,
-            private_pem=pem.decode(),
+            private_pem=private_key_pem(private_key, self._passphrase),
             activates_at=activates_at,
         )
         retire_others = activates_at + self._keep_after if self._keys else None

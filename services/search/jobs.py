@@ -2,8 +2,9 @@
 
 Mesh mode: a Redis stream with a consumer group. A job stays pending until its worker acknowledges it; a
 worker renews its claim on a heartbeat while it runs, and a job whose worker went silent (crashed) is taken over
-by another process after `claim_idle_seconds`, which resumes it; a job taken over too often ends FAILED. Embedded mode: an in-process queue; jobs lost
-with the process are rebuilt from the database at start-up (every unfinished document is queued again).
+by another process after `claim_idle_seconds`, which resumes it; a job taken over too often ends FAILED.
+Embedded mode: an in-process queue; jobs lost with the process are rebuilt from the database at start-up (every
+unfinished document is queued again).
 """
 
 from __future__ import annotations

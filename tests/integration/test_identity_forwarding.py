@@ -20,11 +20,11 @@ class RecordingHealth(health_pb2_grpc.HealthServicer):
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
 
-    async def Check(self, request, context):  # noqa: N802
+    async def Check(self, request, context):
         self.seen.append(dict(context.invocation_metadata()))
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def Watch(self, request, context):  # noqa: N802
+    async def Watch(self, request, context):
         self.seen.append(dict(context.invocation_metadata()))
         yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
