@@ -200,24 +200,29 @@ def _started_logins(metrics_port: int) -> tuple[float, float]:
 
 async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
     cluster = Cluster.create(workdir, mesh=False)
-    metrics_port = free_port()
-    # Slow logins: argon2id with t=8 behind the hashing semaphore makes 50 of them take seconds.
-    server = cluster.start("auth", metrics_port=metrics_port, AUTH_LOGIN_PER_MINUTE="1000", AUTH_ARGON2_TIME_COST="8")
-    email = unique_email()
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = auth_pb2_grpc.AuthServiceStub(channel)
-        await stub.Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
-        request = auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD)
-        calls = [asyncio.ensure_future(stub.Login(request, timeout=120)) for _ in range(50)]
-        while True:  # until the server is handling all 50 (none finished yet)
-            in_flight, finished = await asyncio.to_thread(_started_logins, metrics_port)
-            if in_flight + finished >= 50:
-                break
-            await asyncio.sleep(0.02)
-        assert finished < 50, "the calls finished before SIGTERM could arrive"
-        server.process.send_signal(signal.SIGTERM)
-        results = await asyncio.gather(*calls, return_exceptions=True)
-    assert [r for r in results if isinstance(r, BaseException)] == []
-    assert all(r.access_token for r in results)  # type: ignore[union-attr]
-    assert server.process.wait(timeout=30) == 0
-    assert "shutting down" in server.log_text() and "stopped" in server.log_text()
+    try:
+        metrics_port = free_port()
+        # Slow logins: argon2id with t=8 behind the hashing semaphore makes 50 of them take seconds.
+        server = cluster.start(
+            "auth", metrics_port=metrics_port, AUTH_LOGIN_PER_MINUTE="1000", AUTH_ARGON2_TIME_COST="8"
+        )
+        email = unique_email()
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            await stub.Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+            request = auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD)
+            calls = [asyncio.ensure_future(stub.Login(request, timeout=120)) for _ in range(50)]
+            while True:  # until the server is handling all 50 (none finished yet)
+                in_flight, finished = await asyncio.to_thread(_started_logins, metrics_port)
+                if in_flight + finished >= 50:
+                    break
+                await asyncio.sleep(0.02)
+            assert finished < 50, "the calls finished before SIGTERM could arrive"
+            server.process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert all(r.access_token for r in results)  # type: ignore[union-attr]
+        assert server.process.wait(timeout=30) == 0
+        assert "shutting down" in server.log_text() and "stopped" in server.log_text()
+    finally:
+        cluster.stop()
