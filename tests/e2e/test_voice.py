@@ -47,7 +47,8 @@ from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 
 V = voice_pb2
-pytestmark = pytest.mark.skipif(not SPEECH.exists(), reason="../shared/eval/speech is absent")
+# Tests that speak recorded utterances need the shared evaluation data; the rest run without it.
+needs_speech = pytest.mark.skipif(not SPEECH.exists(), reason="../shared/eval/speech is absent")
 
 # LJ001-0001 says: "Printing, in the only sense with which we are at present concerned, differs from most if not
 # from all the arts and crafts represented in the Exhibition".
@@ -130,6 +131,7 @@ def session_events(audit: audit_pb2_grpc.AuditServiceStub, account: Account, ses
 # --- the spoken question
 
 
+@needs_speech
 async def test_recorded_question_gets_transcripts_a_cited_answer_and_speech(
     voice: voice_pb2_grpc.VoiceServiceStub, library: Library, edge_channel: grpc.Channel
 ) -> None:
@@ -226,6 +228,7 @@ async def test_text_turns_answer_in_an_existing_conversation_without_speech(
     assert error_reason(other.error) == "NOT_FOUND" and other.received == []
 
 
+@needs_speech
 async def test_speaking_over_the_answer_cancels_it_and_starts_the_next_turn(
     voice: voice_pb2_grpc.VoiceServiceStub, library: Library
 ) -> None:
@@ -251,6 +254,7 @@ async def test_speaking_over_the_answer_cancels_it_and_starts_the_next_turn(
     assert stream.of_kind("audio", 2)  # the new question was answered, aloud
 
 
+@needs_speech
 async def test_transcribe_streams_24khz_audio_utterance_by_utterance(
     voice: voice_pb2_grpc.VoiceServiceStub, library: Library
 ) -> None:
@@ -434,6 +438,7 @@ def session_footprint(url: str) -> tuple[float, float, float]:
     return g.get('voice_sessions_active{method="Converse"}', 0), g["voice_session_tasks"], g["voice_recognizer_streams"]
 
 
+@needs_speech
 async def test_a_client_that_vanishes_mid_answer_leaves_nothing_behind(limited: LimitedVoice, library: Library) -> None:
     async with grpc.aio.insecure_channel(limited.server.address) as channel:
         stub = voice_pb2_grpc.VoiceServiceStub(channel)
@@ -485,6 +490,7 @@ async def test_one_account_holds_a_bounded_number_of_streams(limited: LimitedVoi
         await again.finish()
 
 
+@needs_speech
 def test_cli_talk_streams_a_wav_and_saves_the_answer(embedded: Cluster, library: Library, tmp_path: Path) -> None:
     assert embedded.envoy is not None
     out = tmp_path / "answer.wav"
@@ -555,6 +561,7 @@ async def test_first_sentence_is_spoken_while_the_answer_is_still_being_written(
     assert first_audio.at < deltas[-1].at - 1.5  # spoken well before the model wrote its last words
 
 
+@needs_speech
 async def test_barge_in_cancels_the_answer_being_written(slow: SlowSystem) -> None:
     slow.model.reset(["Printing is comparatively modern [1]. "] + ["And there is more to say. "] * 5, gap_seconds=4)
     async with grpc.aio.insecure_channel(slow.server.address) as channel:
@@ -579,6 +586,7 @@ def recognizer_pids(server: Server) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "sphinx_worker" in line]
 
 
+@needs_speech
 async def test_a_crashed_recognizer_costs_one_utterance_not_the_session(
     limited: LimitedVoice, library: Library
 ) -> None:

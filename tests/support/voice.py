@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import select
 import socket
@@ -23,7 +24,7 @@ from services.core.settings import ROOT
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 
 V = voice_pb2
-SPEECH = ROOT.parent / "shared" / "eval" / "speech"
+SPEECH = Path(os.environ.get("VOICEASSIST_EVAL_SPEECH", ROOT.parent / "shared" / "eval" / "speech"))
 CHUNK_MS = 100
 
 
