@@ -117,8 +117,3 @@ def invalid(field_path: str, description: str, reason: str = "") -> ServiceError
 def not_found(kind: str, ident: str) -> ServiceError:
     """NOT_FOUND for a resource; also the answer when the caller may not see it, so existence never leaks."""
     return ServiceError(Reason.NOT_FOUND, f"{kind} {ident!r} not found", metadata={"resource_type": kind})
-
-
-def unimplemented(method: str) -> ServiceError:
-    """UNIMPLEMENTED for a method whose service has not been built yet."""
-    return ServiceError(Reason.NOT_IMPLEMENTED, f"{method} is not implemented yet")
