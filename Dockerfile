@@ -6,7 +6,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gen ./gen
 COPY services ./services
-RUN pip install --no-cache-dir .
+# Editable, so the code stays under /app next to gen/voiceassist.binpb (the control plane serves it to Envoy).
+RUN pip install --no-cache-dir -e .
 USER 10001
 ENV ENVIRONMENT=production GRPC_HOST=0.0.0.0 METRICS_HOST=0.0.0.0 DATA_DIR=/var/lib/voiceassist
 ENTRYPOINT ["voiceassist"]

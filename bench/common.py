@@ -76,9 +76,24 @@ def require_tools(*names: str) -> None:
         raise SystemExit(f"missing load tools: {', '.join(missing)} (run scripts/system-deps)")
 
 
-def table(title: str, rows: list[tuple[str, str]]) -> None:
-    """Print a two-column table."""
+# Every table printed in this run, for bench/results.md: (title, rows).
+TABLES: list[tuple[str, list[tuple[str, ...]]]] = []
+
+
+def table(title: str, rows: list[tuple[str, ...]]) -> None:
+    """Print a table of (figure, value) or (figure, value, target, met) rows, and keep it for bench/results.md."""
+    TABLES.append((title, rows))
     width = max(len(r[0]) for r in rows)
     print(f"\n{title}\n" + "-" * (width + 20))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    for name, value, *target in rows:
+        print(f"{name:<{width}}  {value}" + (f"   (target {target[0]}: {target[1]})" if target else ""))
+
+
+def results_markdown(started: str) -> str:
+    """Every table of this run as Markdown: figure, value, target, met or not."""
+    lines = [f"# Benchmark results ({started})", "", "Written by `make bench`; each section is one benchmark.", ""]
+    for title, rows in TABLES:
+        lines += [f"## {title}", "", "| figure | value | target | met |", "|---|---|---|---|"]
+        lines += [f"| {r[0]} | {r[1]} | {r[2] if len(r) > 2 else ''} | {r[3] if len(r) > 3 else ''} |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)

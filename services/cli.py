@@ -6,22 +6,25 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import click
 
-from services import envoy_config, launcher
+from services import launcher
 from services.audit import server as audit_server
 from services.audit.cli import audit as audit_group
 from services.auth import server as auth_server
+from services.control_plane import envoy_config
+from services.control_plane import server as control_server
 from services.core import registry
 from services.core.errors import ServiceError
 from services.core.runtime import Runtime
-from services.core.server import ServiceFactory, serve
-from services.core.settings import ROOT, core_settings
+from services.core.server import ServiceFactory, StartupRefused, serve
+from services.core.settings import ROOT, CoreSettings, core_settings, local_address
 from services.rag import server as rag_server
 from services.search import server as search_server
 from services.search.cli import kb as kb_group
+from services.supervisor import Child, StartupError, Supervisor
 from services.voice import server as voice_server
 from services.voice.cli import voice as voice_group
 
@@ -39,35 +42,94 @@ def main() -> None:
     """VoiceAssist Mesh: a medical voice assistant's backend as a gRPC service mesh."""
 
 
+def _run_server(factories: dict[str, ServiceFactory], name: str, port: int, metrics_port: int | None) -> None:
+    try:
+        asyncio.run(serve(factories, settings=core_settings(), port=port, metrics_port=metrics_port))
+    except StartupRefused as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+
+
+def _supervise(supervisor: Supervisor, on_ready: Callable[[], None]) -> None:
+    """Start the children, keep them running until Ctrl-C or SIGTERM, stop them in order. Exits non-zero when
+    the start failed or a child was left down."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        supervisor.start()
+        on_ready()
+        while True:
+            supervisor.watch_once()
+            time.sleep(0.2)
+    except StartupError as exc:
+        click.echo(f"voiceassist: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly stop short
+        click.echo("stopping...", err=True)
+        codes = supervisor.stop()
+        click.echo("stopped (" + ", ".join(f"{name}: {code}" for name, code in codes.items()) + ")", err=True)
+    if supervisor.down():
+        raise SystemExit(1)
+
+
+def _refuse_workers(service: str, workers: int, settings: CoreSettings) -> None:
+    blockers = settings.scale_blockers(service)
+    if workers > 1 and blockers:
+        raise click.ClickException(
+            f"{service} cannot run {workers} workers: without {' and '.join(blockers)} its state is per process "
+            "(set them to the shared PostgreSQL / Redis / Qdrant server, or run one worker)"
+        )
+
+
 @main.command("serve")
 @click.argument("service", type=click.Choice(["all", *FACTORIES]))
-@click.option("--port", type=int, help="gRPC port (default: the registry's, or 50050 for all).")
-@click.option("--metrics-port", type=int, help="Prometheus port (default: the registry's).")
+@click.option("--workers", type=click.IntRange(1, registry.MAX_WORKERS), default=1, show_default=True,
+              help="Processes of SERVICE, each its own endpoint: worker i listens on port + i (metrics port + i).")
+@click.option("--port", type=int, help="gRPC port of the first worker (default: <NAME>_PORT, EMBEDDED_PORT for all).")
+@click.option("--metrics-port", type=int, help="Prometheus port of the first worker (default: <NAME>_METRICS_PORT).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve Prometheus metrics.")
-def serve_command(service: str, port: int | None, metrics_port: int | None, no_metrics: bool) -> None:
+def serve_command(service: str, workers: int, port: int | None, metrics_port: int | None, no_metrics: bool) -> None:
     """Host one service (mesh mode) or all of them in this process (embedded mode)."""
+    settings = core_settings()
     if service == "all":
-        factories = FACTORIES
-        port = port or registry.EMBEDDED_PORT
-        metrics_port = metrics_port or registry.EMBEDDED_METRICS_PORT
-    else:
-        factories = {service: FACTORIES[service]}
-        spec = registry.spec(service)
-        port = port or spec.port
-        metrics_port = metrics_port or spec.metrics_port
-    asyncio.run(
-        serve(factories, settings=core_settings(), port=port, metrics_port=None if no_metrics else metrics_port)
-    )
+        if workers > 1:
+            raise click.ClickException("`serve all` is one process by design; run the services one by one to scale")
+        port = port or settings.embedded_port
+        metrics = None if no_metrics else metrics_port or settings.embedded_metrics_port
+        _run_server(FACTORIES, "voiceassist", port, metrics)
+        return
+    port = port or settings.port_of(service)
+    metrics = None if no_metrics else metrics_port or settings.metrics_port_of(service)
+    if workers == 1:
+        _run_server({service: FACTORIES[service]}, service, port, metrics)
+        return
+    _refuse_workers(service, workers, settings)
+    children = [_worker(service, i, workers, port, metrics, settings) for i in range(workers)]
+    _supervise(Supervisor([children], _report), lambda: click.echo(f"{service}: {workers} workers serving", err=True))
+
+
+@main.command("control-plane")
+@click.option("--port", type=int, help="gRPC port (default: CONTROL_PLANE_PORT).")
+@click.option("--metrics-port", type=int, help="Prometheus port (default: CONTROL_PLANE_METRICS_PORT).")
+@click.option("--no-metrics", is_flag=True, help="Do not serve Prometheus metrics.")
+def control_plane_command(port: int | None, metrics_port: int | None, no_metrics: bool) -> None:
+    """Serve Envoy's configuration over xDS, with the endpoints of the workers that announce themselves."""
+    settings = core_settings()
+    metrics = None if no_metrics else metrics_port or settings.control_plane_metrics_port
+    _run_server({registry.CONTROL_PLANE.name: control_server.build}, "control-plane",
+                port or settings.control_plane_port, metrics)  # fmt: skip
 
 
 @main.command("envoy-config")
 @click.option("--target", type=click.Choice([*envoy_config.TARGETS, "all"]), default="all", show_default=True)
 @click.option("--check", is_flag=True, help="Exit 1 when a checked-in file differs instead of writing it.")
 def envoy_config_command(target: str, check: bool) -> None:
-    """Render envoy/envoy*.yaml from the service registry and the compiled contracts."""
+    """Render envoy/envoy*.yaml from the service registry and the compiled contracts (default settings)."""
     stale = []
     for name in envoy_config.TARGETS if target == "all" else (target,):
-        text = envoy_config.render(envoy_config.standard_target(name, core_settings()))
+        text = envoy_config.render(envoy_config.standard_target(name, CoreSettings(_env_file=None)))
         path = envoy_config.checked_in_path(name)
         if check:
             if not path.exists() or path.read_text() != text:
@@ -80,43 +142,103 @@ def envoy_config_command(target: str, check: bool) -> None:
         raise click.ClickException(f"stale: {', '.join(stale)}; run `voiceassist envoy-config`")
 
 
+def _report(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def _worker(service: str, index: int, workers: int, port: int, metrics: int | None, settings: CoreSettings,
+            env: dict[str, str] | None = None) -> Child:  # fmt: skip
+    """Worker `index` (0-based) of a service that runs `workers` of them."""
+    name = service if workers == 1 else f"{service}#{index + 1}"
+    address = f"{local_address(settings.grpc_host)}:{port + index}"
+    grpc_service = registry.spec(service).grpc_service
+    return Child(
+        name, launcher.server_args(service, port + index, metrics + index if metrics else None),
+        settings.logs / f"{name.replace('#', '-')}.log", lambda: launcher.is_serving(address, [grpc_service]),
+        env=env or {}, group=service,
+    )  # fmt: skip
+
+
+def _ports_in_use(wanted: list[tuple[str, str, int]]) -> list[str]:
+    """The (what, host, port) entries whose port is taken."""
+    return [f"{what}: {host}:{port}" for what, host, port in wanted if launcher.port_in_use(host, port)]
+
+
+def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list[tuple[str, str, int]]]:
+    """The stages `up` starts, and every (what, host, port) they will listen on."""
+    run = settings.data_dir / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = settings.metrics_enabled
+    envoy_listener = (local_address(settings.envoy_host), settings.envoy_port)
+    ports = [
+        ("ENVOY_PORT", settings.envoy_host, settings.envoy_port),
+        ("ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy_admin_port),
+    ]
+    everything = [s.grpc_service for s in registry.SERVICES]
+    if mesh:
+        cp = settings.control_plane_port
+        env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr or f"{local_address(settings.grpc_host)}:{cp}"}
+        cp_address = f"{local_address(settings.grpc_host)}:{cp}"
+        control = Child(
+            "control-plane", launcher.control_plane_args(cp, settings.control_plane_metrics_port if metrics else None),
+            settings.logs / "control-plane.log",
+            lambda: launcher.is_serving(cp_address, [registry.CONTROL_PLANE.grpc_service]),
+        )  # fmt: skip
+        ports.append(("CONTROL_PLANE_PORT", settings.grpc_host, cp))
+        if metrics:
+            ports.append(("CONTROL_PLANE_METRICS_PORT", settings.metrics_host, settings.control_plane_metrics_port))
+        workers = []
+        for spec in registry.SERVICES:
+            count, port, metrics_port = settings.workers_of(spec.name), settings.port_of(spec.name), None
+            if metrics:
+                metrics_port = settings.metrics_port_of(spec.name)
+                ports += [(f"{spec.name.upper()}_METRICS_PORT + {i}", settings.metrics_host, metrics_port + i)
+                          for i in range(count)]  # fmt: skip
+            ports += [(f"{spec.name.upper()}_PORT + {i}", settings.grpc_host, port + i) for i in range(count)]
+            workers += [_worker(spec.name, i, count, port, metrics_port, settings, env) for i in range(count)]
+        config = run / "envoy.mesh.yaml"
+        config.write_text(envoy_config.render(envoy_config.xds_target(settings, ("127.0.0.1", cp))))
+        stages = [[control], workers]
+    else:
+        port = settings.embedded_port
+        metrics_port = settings.embedded_metrics_port if metrics else None
+        server = Child(
+            "voiceassist", launcher.server_args("all", port, metrics_port), settings.logs / "voiceassist.log",
+            lambda: launcher.is_serving(f"{local_address(settings.grpc_host)}:{port}", everything),
+        )  # fmt: skip
+        ports.append(("EMBEDDED_PORT", settings.grpc_host, port))
+        if metrics_port:
+            ports.append(("EMBEDDED_METRICS_PORT", settings.metrics_host, metrics_port))
+        config = run / "envoy.yaml"
+        config.write_text(envoy_config.render(envoy_config.embedded_target(settings, str(envoy_config.DESCRIPTOR))))
+        stages = [[server]]
+    envoy = Child(
+        "envoy", launcher.envoy_args(config), settings.logs / "envoy.log",
+        lambda: launcher.envoy_is_ready(settings.envoy_admin_port, envoy_listener)
+        and launcher.is_serving(f"{envoy_listener[0]}:{envoy_listener[1]}", everything),
+    )  # fmt: skip
+    return [*stages, [envoy]], ports
+
+
 @main.command("up")
-@click.option("--mesh", is_flag=True, help="One process per service (PostgreSQL and Redis from settings).")
+@click.option("--mesh", is_flag=True, help="One process per service and worker, a control plane driving Envoy "
+              "(PostgreSQL and Redis from settings).")  # fmt: skip
 def up_command(mesh: bool) -> None:
-    """Start the whole system with Envoy in front; Ctrl-C stops everything cleanly."""
+    """Start the whole system with Envoy in front, keep it running (a process that dies is restarted), and stop
+    everything cleanly on Ctrl-C or SIGTERM."""
     settings = core_settings()
-    logs = ROOT / "data" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    processes = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        if mesh:
-            for spec in registry.SERVICES:
-                processes.append(
-                    launcher.start_server(spec.name, spec.port, spec.metrics_port, log_path=logs / f"{spec.name}.log")
-                )
-            targets = [(f"127.0.0.1:{s.port}", s.grpc_service) for s in registry.SERVICES]
-        else:
-            processes.append(
-                launcher.start_server(
-                    "all", registry.EMBEDDED_PORT, registry.EMBEDDED_METRICS_PORT, log_path=logs / "voiceassist.log"
-                )
-            )
-            targets = [(f"127.0.0.1:{registry.EMBEDDED_PORT}", s.grpc_service) for s in registry.SERVICES]
-        config = envoy_config.checked_in_path("mesh" if mesh else "embedded")
-        processes.append(launcher.start_envoy(config, log_path=logs / "envoy.log"))
-        for address, name in targets:
-            launcher.wait_healthy(address, [name], timeout=180)
-        launcher.wait_envoy_ready(settings.envoy_admin_port)
-        _print_urls(settings.envoy_port, logs)
-        while all(p.poll() is None for p in processes):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        click.echo("stopping...")
-        codes = launcher.stop_all(processes)
-        click.echo(f"stopped (exit codes {codes})")
+    if mesh:
+        for spec in registry.SERVICES:
+            _refuse_workers(spec.name, settings.workers_of(spec.name), settings)
+    stages, ports = _system(settings, mesh)
+    taken = _ports_in_use(ports)
+    if taken:
+        raise click.ClickException(
+            "ports already in use (another system, or an earlier run still stopping?) - change these settings:\n  "
+            + "\n  ".join(taken)
+        )
+    click.echo(f"starting ({'mesh' if mesh else 'embedded'} mode); logs in {settings.logs}", err=True)
+    _supervise(Supervisor(stages, _report), lambda: _print_urls(settings, mesh))
 
 
 @main.command("probe")
@@ -165,15 +287,17 @@ def create_admin_command(email: str, password: str, full_name: str) -> None:
         raise click.ClickException(f"{exc.reason}: {exc.message}") from None
 
 
-def _print_urls(port: int, logs: Path) -> None:
+def _print_urls(settings: CoreSettings, mesh: bool) -> None:
+    host, port = local_address(settings.envoy_host), settings.envoy_port
+    workers = ", ".join(f"{s.name} x{settings.workers_of(s.name)}" for s in registry.SERVICES) if mesh else ""
     click.echo(
         f"""
-VoiceAssist Mesh is up.
-  JSON / gRPC / gRPC-Web   http://127.0.0.1:{port}
-  try                      curl -s http://127.0.0.1:{port}/v1/auth/jwks
-                           grpcurl -plaintext 127.0.0.1:{port} list
-  Envoy admin              http://127.0.0.1:9901
-  logs                     {logs}
+VoiceAssist Mesh is up{f" ({workers})" if workers else ""}.
+  JSON / gRPC / gRPC-Web   http://{host}:{port}
+  try                      curl -s http://{host}:{port}/v1/auth/jwks
+                           grpcurl -plaintext {host}:{port} list
+  Envoy admin              http://127.0.0.1:{settings.envoy_admin_port}
+  logs                     {settings.logs}
 Press Ctrl-C to stop."""
     )
 

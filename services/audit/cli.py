@@ -18,7 +18,7 @@ from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 
 
 def _stub(address: str | None) -> tuple[grpc.Channel, audit_pb2_grpc.AuditServiceStub]:
-    channel = grpc.insecure_channel(address or f"127.0.0.1:{core_settings().envoy_port}")
+    channel = grpc.insecure_channel(address or core_settings().envoy_address)
     return channel, audit_pb2_grpc.AuditServiceStub(channel)
 
 

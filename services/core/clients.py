@@ -56,6 +56,8 @@ _FORWARDERS = (_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(
 
 
 CLIENT_OPTIONS = [
+    # A service with several workers (a list of addresses, or a DNS name with several records): spread the calls.
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

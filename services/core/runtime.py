@@ -11,7 +11,6 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from services.core import registry
 from services.core.audit_client import AuditClient, AuditSink, QueueSink, RedisStreamSink
 from services.core.audit_rpc_sink import RpcSink
 from services.core.clients import ChannelPool
@@ -57,7 +56,7 @@ class Runtime:
 
     def address(self, service: str) -> str:
         """Where to call `service`: this process when it hosts it, else its configured address."""
-        return self.self_address if service in self.hosted else registry.address(service, self.settings)
+        return self.self_address if service in self.hosted else self.settings.address_of(service)
 
     def _audit_sink(self) -> AuditSink:
         limit = self.settings.audit_buffer_max_events

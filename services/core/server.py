@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.core import interceptors, registry
+from services.core.announcer import Announcer
 from services.core.auth import AuthInterceptor
 from services.core.errors import Reason, ServiceError
 from services.core.logs import configure_logging
@@ -91,6 +92,7 @@ def server_options(settings: CoreSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_seconds * 1000),
         # grpc.aio sets SO_REUSEPORT by default, so a second server on a taken port would start silently.
         ("grpc.so_reuseport", 0),
     ]
@@ -102,9 +104,17 @@ def _domain_of(method: str) -> str:
     return f"{spec.name}.voiceassist" if spec else "voiceassist"
 
 
-def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Server, MeshHealthServicer]:
-    """A configured (not started) server hosting `hosted`, with health and reflection."""
-    server = grpc.aio.server(
+class StartupRefused(RuntimeError):
+    """The server cannot start as configured; the message says why, for the operator."""
+
+
+class PortInUse(StartupRefused):
+    """The server's gRPC or metrics port is taken."""
+
+
+def new_server(runtime: Runtime) -> grpc.aio.Server:
+    """A server with the shared interceptors and options, hosting nothing yet."""
+    return grpc.aio.server(
         interceptors=[
             interceptors.RequestContextInterceptor(runtime.settings.trusted_proxies),
             interceptors.TelemetryInterceptor(),
@@ -113,32 +123,59 @@ def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Serve
         ],
         options=server_options(runtime.settings),
     )
+
+
+def add_services(server: grpc.aio.Server, runtime: Runtime, hosted: list[Hosted]) -> MeshHealthServicer:
+    """Add `hosted`, health and reflection to a server that has not started."""
     for service in hosted:
         service.register(server)
     health = MeshHealthServicer(runtime)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    # Reflection describes the whole mesh API, as seen through Envoy; calls are answered by each owner.
-    names = [s.grpc_service for s in registry.SERVICES]
+    # Reflection describes the whole mesh API, as seen through Envoy, and whatever else this process hosts.
+    names = dict.fromkeys([*(s.grpc_service for s in registry.SERVICES), *(h.spec.grpc_service for h in hosted)])
     reflection.enable_server_reflection([*names, registry.HEALTH_SERVICE, reflection.SERVICE_NAME], server)
-    return server, health
+    return health
 
 
-async def _probe_forever(health: MeshHealthServicer, hosted: list[Hosted]) -> None:
-    """Keep each service's health status in step with its probe."""
+def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Server, MeshHealthServicer]:
+    """A configured (not started) server hosting `hosted`, with health and reflection."""
+    server = new_server(runtime)
+    return server, add_services(server, runtime, hosted)
+
+
+def _bind(server: grpc.aio.Server, address: str) -> None:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise PortInUse(f"cannot listen on {address}: the port is in use (or the address is not this host's)")
+
+
+async def _check(health: MeshHealthServicer, hosted: list[Hosted]) -> bool:
+    """Run each service's probe once and set its health status; True when all serve."""
+    statuses = []
+    for service in hosted:
+        ok = True
+        if service.probe is not None:
+            try:
+                ok = bool(await service.probe())
+            except Exception as exc:
+                log.warning("probe failed", extra={"service": service.spec.name, "error": repr(exc)})
+                ok = False
+        await health.set(service.spec.grpc_service, SERVING if ok else NOT_SERVING)
+        statuses.append(ok)
+    await health.set("", SERVING if all(statuses) else NOT_SERVING)
+    return all(statuses)
+
+
+async def _check_forever(health: MeshHealthServicer, hosted: list[Hosted], announcer: Announcer | None) -> None:
+    """Keep each service's health status (and its announcement to the control plane) in step with its probe."""
     while True:
-        statuses = []
-        for service in hosted:
-            ok = True
-            if service.probe is not None:
-                try:
-                    ok = bool(await service.probe())
-                except Exception as exc:
-                    log.warning("probe failed", extra={"service": service.spec.name, "error": repr(exc)})
-                    ok = False
-            await health.set(service.spec.grpc_service, SERVING if ok else NOT_SERVING)
-            statuses.append(ok)
-        await health.set("", SERVING if all(statuses) else NOT_SERVING)
         await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+        serving = await _check(health, hosted)
+        if announcer is not None:
+            await announcer.set_serving(serving)
 
 
 async def serve(
@@ -149,19 +186,31 @@ async def serve(
     metrics_port: int | None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Host the given services until SIGTERM/SIGINT, then shut down gracefully."""
+    """Host the given services until SIGTERM/SIGINT, then shut down gracefully. StartupRefused when it cannot
+    (PortInUse is checked before the services load, so it is reported within a second or two)."""
     configure_logging(settings.log_level, service="+".join(factories))
     address = f"{settings.grpc_host}:{port}"
     runtime = Runtime(settings, factories, address)
-    hosted = [await factory(runtime) for factory in factories.values()]
-    server, health = build_server(runtime, hosted)
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise RuntimeError(f"cannot bind {address}")
-    await server.start()
-    prober = asyncio.create_task(_probe_forever(health, hosted))
+    server = new_server(runtime)
+    _bind(server, address)
     if metrics_port is not None and settings.metrics_enabled:
-        serve_metrics(settings.metrics_host, metrics_port)
+        try:
+            serve_metrics(settings.metrics_host, metrics_port)
+        except OSError as exc:
+            raise PortInUse(f"cannot serve metrics on {settings.metrics_host}:{metrics_port}: {exc.strerror}") from None
+    # Mesh services announce themselves to the control plane (which is not one of them).
+    routed = [registry.BY_NAME[name] for name in factories if name in registry.BY_NAME]
+    try:
+        announcer = Announcer(settings, routed, port) if settings.control_plane_addr and routed else None
+    except (ValueError, OSError) as exc:  # no address Envoy could reach this process at
+        raise StartupRefused(f"cannot announce {address} to the control plane: {exc}") from None
+    hosted = [await factory(runtime) for factory in factories.values()]
+    health = add_services(server, runtime, hosted)
+    serving = await _check(health, hosted)
+    await server.start()
+    if announcer is not None:
+        announcer.start(serving)
+    checker = asyncio.create_task(_check_forever(health, hosted, announcer))
     log.info("serving", extra={"address": address, "services": sorted(factories)})
 
     stop = asyncio.Event()
@@ -173,7 +222,10 @@ async def serve(
     await stop.wait()
 
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    prober.cancel()
+    checker.cancel()
+    # Out of Envoy's rotation first, so no new call arrives while the server stops.
+    if announcer is not None:
+        await announcer.withdraw()
     await health.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
     # Reverse registry order: the services that call others (and record audit events while closing) stop before

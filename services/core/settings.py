@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.core import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,14 +24,17 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
 
-class CoreSettings(ServiceSettings):
-    """What the server runtime needs, whatever service it hosts."""
+class _CoreSettings(ServiceSettings):
+    """What the server runtime needs, whatever service it hosts (the per-service fields are added below)."""
 
     environment: Literal["development", "test", "production"] = Field(
         "development", description="Where this runs; production refuses embedded defaults that are unsafe."
     )
     log_level: str = Field("INFO", description="Root log level.")
     data_dir: Path = Field(ROOT / "data", description="Embedded mode: SQLite files, keys, the local index.")
+    log_dir: Path | None = Field(
+        None, description="Where `voiceassist up` writes each process's log. Empty: data_dir/logs."
+    )
 
     database_url: str = Field(
         "",
@@ -68,6 +73,12 @@ class CoreSettings(ServiceSettings):
         8 * 1024 * 1024, description="Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED."
     )
     grpc_keepalive_seconds: int = Field(30, description="Server keepalive ping interval.")
+    grpc_max_connection_age_seconds: int = Field(
+        300,
+        ge=1,
+        description="A client connection is asked to reconnect after this long (calls in flight finish first), so "
+        "round-robin clients of a service look its workers up again and spread over the ones added since.",
+    )
     grpc_max_concurrent_streams: int = Field(256, description="HTTP/2 streams per connection.")
     shutdown_grace_seconds: float = Field(
         20.0, description="On SIGTERM/SIGINT: how long in-flight calls may take to finish before they are cancelled."
@@ -81,22 +92,109 @@ class CoreSettings(ServiceSettings):
         "the entry Envoy appended (the last one); from anyone else the peer address is used.",
     )
 
-    auth_addr: str = Field("", description="host:port of the auth service; empty: from the service registry.")
-    audit_addr: str = Field("", description="host:port of the audit service; empty: from the service registry.")
-    search_addr: str = Field("", description="host:port of the search service; empty: from the service registry.")
-    rag_addr: str = Field("", description="host:port of the rag service; empty: from the service registry.")
-    voice_addr: str = Field("", description="host:port of the voice service; empty: from the service registry.")
-
-    envoy_port: int = Field(8080, description="Envoy's listener (JSON, gRPC, gRPC-Web).")
-    envoy_admin_port: int = Field(9901, description="Envoy's admin interface, bound to 127.0.0.1 only.")
+    grpc_advertise_host: str = Field(
+        "",
+        description="The address Envoy reaches this process at, announced to the control plane. Empty: grpc_host, or "
+        "when that is 0.0.0.0 what this host's name resolves to (a container's or a pod's own address).",
+    )
+    embedded_port: int = Field(registry.EMBEDDED_PORT, ge=1, le=65535, description="Embedded mode's gRPC port.")
+    embedded_metrics_port: int = Field(
+        registry.EMBEDDED_METRICS_PORT, ge=1, le=65535, description="Embedded mode's Prometheus port."
+    )
+    control_plane_port: int = Field(
+        registry.CONTROL_PLANE.port, ge=1, le=65535, description="The control plane's gRPC port (xDS for Envoy)."
+    )
+    control_plane_metrics_port: int = Field(
+        registry.CONTROL_PLANE.metrics_port, ge=1, le=65535, description="The control plane's Prometheus port."
+    )
+    control_plane_addr: str = Field(
+        "",
+        description="host:port of the control plane that workers announce themselves to when SERVING (and withdraw "
+        "from when stopping). Empty: no announcements (embedded mode, static Envoy configurations).",
+    )
+    envoy_host: str = Field("127.0.0.1", description="Interface Envoy's listener binds to.")
+    envoy_port: int = Field(8080, ge=1, le=65535, description="Envoy's listener (JSON, gRPC, gRPC-Web).")
+    envoy_admin_port: int = Field(9901, ge=1, le=65535, description="Envoy's admin interface, bound to 127.0.0.1 only.")
     cors_allowed_origins: str = Field(
         "http://localhost:3000,http://127.0.0.1:3000",
         description="Comma-separated browser origins allowed by Envoy's CORS filter.",
     )
 
-    def address_of(self, service: str, default: str) -> str:
-        """The configured address of a service, or `default` (from the registry) when none is set."""
-        return getattr(self, f"{service}_addr") or default
+    @property
+    def envoy_address(self) -> str:
+        """host:port where this machine reaches Envoy: what the CLIs call by default."""
+        return f"{local_address(self.envoy_host)}:{self.envoy_port}"
+
+    @property
+    def logs(self) -> Path:
+        """Where process logs go."""
+        return self.log_dir or self.data_dir / "logs"
+
+    def port_of(self, service: str) -> int:
+        """The gRPC port of a service's first worker."""
+        return int(getattr(self, f"{registry.spec(service).name}_port"))
+
+    def metrics_port_of(self, service: str) -> int:
+        """The Prometheus port of a service's first worker."""
+        return int(getattr(self, f"{registry.spec(service).name}_metrics_port"))
+
+    def workers_of(self, service: str) -> int:
+        """How many processes `voiceassist up` runs for a service."""
+        return int(getattr(self, f"{registry.spec(service).name}_workers"))
+
+    def address_of(self, service: str) -> str:
+        """The gRPC target to call a service at: its `<NAME>_ADDR`, else each of its local workers (the channel
+        balances calls over them round-robin)."""
+        configured = str(getattr(self, f"{registry.spec(service).name}_addr"))
+        if configured:
+            return configured
+        port = self.port_of(service)
+        return "ipv4:" + ",".join(f"127.0.0.1:{port + i}" for i in range(self.workers_of(service)))
+
+    def scale_blockers(self, service: str) -> list[str]:
+        """The settings a service lacks to run more than one process (empty: it may)."""
+        return [name.upper() for name in registry.spec(service).shared_state if not getattr(self, name)]
+
+
+def local_address(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (a wildcard means every interface, loopback too)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def _service_fields() -> dict[str, Any]:
+    """`<NAME>_PORT`, `<NAME>_METRICS_PORT`, `<NAME>_WORKERS` and `<NAME>_ADDR` for every service of the registry."""
+    fields: dict[str, Any] = {}
+    for spec in registry.SERVICES:
+        name = spec.name
+        fields[f"{name}_port"] = (
+            int,
+            Field(spec.port, ge=1, le=65535, description=f"gRPC port of {name}'s first worker; worker i listens on "
+                  "it + i."),
+        )  # fmt: skip
+        fields[f"{name}_metrics_port"] = (
+            int,
+            Field(spec.metrics_port, ge=1, le=65535, description=f"Prometheus port of {name}'s first worker; "
+                  "worker i serves on it + i."),
+        )  # fmt: skip
+        fields[f"{name}_workers"] = (
+            int,
+            Field(1, ge=1, le=registry.MAX_WORKERS, description=f"Processes of {name} that `voiceassist up` runs, each "
+                  "its own endpoint. More than one needs " + " and ".join(s.upper() for s in spec.shared_state) + "."),
+        )  # fmt: skip
+        fields[f"{name}_addr"] = (
+            str,
+            Field("", description=f"gRPC target of {name} for the other services (host:port, ipv4:a:p,b:q or "
+                  "dns:///name:port); empty: its local workers on 127.0.0.1."),
+        )  # fmt: skip
+    return fields
+
+
+if TYPE_CHECKING:
+    CoreSettings = _CoreSettings
+else:
+    CoreSettings = create_model(
+        "CoreSettings", __base__=_CoreSettings, __module__=__name__, __doc__=_CoreSettings.__doc__, **_service_fields()
+    )
 
 
 @lru_cache

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm import tqdm
 
+from services.core.settings import core_settings
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 
@@ -206,7 +207,8 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
 
 def _connection_options(command):
     options = [
-        click.option("--server", envvar="VOICEASSIST_SERVER", default="127.0.0.1:8080", show_default=True,
+        click.option("--server", envvar="VOICEASSIST_SERVER", default=lambda: core_settings().envoy_address,
+                     show_default="Envoy on this machine (ENVOY_PORT)",
                      help="gRPC address: Envoy, or a search server directly (VOICEASSIST_SERVER)."),
         click.option("--email", envvar="VOICEASSIST_EMAIL", help="Sign in as this account (VOICEASSIST_EMAIL)."),
         click.option("--password", envvar="VOICEASSIST_PASSWORD", hidden=True),

@@ -27,13 +27,10 @@ T = TypeVar("T")
 V = voice_pb2
 
 
-def _default_address() -> str:
-    return f"127.0.0.1:{core_settings().envoy_port}"
-
-
 address_option = click.option(
-    "--address", default=_default_address, show_default="Envoy on this machine", help="host:port of Envoy or voice."
-)
+    "--address", default=lambda: core_settings().envoy_address, show_default="Envoy on this machine (ENVOY_PORT)",
+    help="host:port of Envoy or voice.",
+)  # fmt: skip
 
 
 async def _metadata(channel: grpc.aio.Channel) -> tuple[tuple[str, str], ...]:

@@ -1,7 +1,8 @@
-"""Real servers and a real Envoy for tests: processes on free ports, ready when gRPC health says so."""
+"""Real servers, control planes and Envoys for tests: processes on free ports, ready when gRPC health says so."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -10,14 +11,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 
-from services import envoy_config, launcher
+from services import launcher
+from services.control_plane import envoy_config
 from services.core import registry
-from services.core.settings import ROOT
+from services.core.settings import CoreSettings
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+EVERY_SERVICE = tuple(s.grpc_service for s in registry.SERVICES)
 
 
 def free_port() -> int:
@@ -25,6 +29,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (for a service's workers)."""
+    for _ in range(100):
+        first = free_port()
+        if first + count < 65536 and not any(launcher.port_in_use("127.0.0.1", first + i) for i in range(count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 @dataclass
@@ -49,6 +62,11 @@ class Server:
         """SIGTERM and wait; the exit code."""
         return launcher.stop_all([self.process])[0]
 
+    def kill(self) -> int:
+        """SIGKILL and wait: a crash."""
+        self.process.kill()
+        return self.process.wait()
+
 
 @dataclass
 class Envoy:
@@ -58,20 +76,42 @@ class Envoy:
     admin_port: int
     process: subprocess.Popen
     log: Path
+    host: str = "127.0.0.1"  # where this test process reaches its listener and its admin interface
 
     @property
     def http(self) -> str:
         """Base URL for JSON calls."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
         """host:port for gRPC calls."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stop(self) -> int:
         """SIGTERM and wait; the exit code."""
         return launcher.stop_all([self.process])[0]
+
+    def admin(self, path: str) -> str:
+        """GET a page of Envoy's admin interface."""
+        return httpx.get(f"http://{self.host}:{self.admin_port}{path}", timeout=10).text
+
+    def endpoints(self, cluster: str) -> dict[str, dict[str, str]]:
+        """Envoy's view of a cluster's endpoints: "host:port" -> {"rq_total": ..., "health_flags": ..., ...}."""
+        found: dict[str, dict[str, str]] = {}
+        for line in self.admin("/clusters").splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster and ":" in parts[1]:
+                found.setdefault(parts[1], {})[parts[2]] = parts[3]
+        return found
+
+    def stat(self, name: str) -> int:
+        """One counter or gauge from Envoy's /stats (0 when absent)."""
+        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
 
 
 @dataclass
@@ -82,6 +122,7 @@ class Cluster:
     env: dict[str, str]
     servers: list[Server] = field(default_factory=list)
     envoy: Envoy | None = None
+    control_plane: Server | None = None
 
     @classmethod
     def create(cls, workdir: Path, *, mesh: bool, **extra_env: str) -> Cluster:
@@ -105,10 +146,17 @@ class Cluster:
         env.update(extra_env)
         return cls(workdir, env)
 
+    def settings(self) -> CoreSettings:
+        """The core settings this cluster's processes read."""
+        fields = CoreSettings.model_fields
+        return CoreSettings(_env_file=None, **{k.lower(): v for k, v in self.env.items() if k.lower() in fields})
+
     def start(
-        self, services: str, *, port: int | None = None, metrics_port: int | None = None, **extra_env: str
-    ) -> Server:
-        """Start `voiceassist serve SERVICES` and wait until every hosted service is SERVING."""
+        self, services: str, *, port: int | None = None, metrics_port: int | None = None, wait: bool = True,
+        **extra_env: str,
+    ) -> Server:  # fmt: skip
+        """Start `voiceassist serve SERVICES` and (unless `wait` is false) wait until every hosted service is
+        SERVING."""
         port = port or free_port()
         log = self.workdir / f"{services}-{port}.log"
         env = {**self.env, **extra_env}
@@ -118,41 +166,85 @@ class Cluster:
         names = (
             [s.grpc_service for s in registry.SERVICES] if services == "all" else [registry.spec(services).grpc_service]
         )
-        try:
-            launcher.wait_healthy(server.address, names, timeout=180)
-        except TimeoutError:
-            raise RuntimeError(f"{services} did not start:\n{server.log_text()[-4000:]}") from None
+        if wait:
+            self.wait_serving(server, names)
         return server
+
+    def wait_serving(self, server: Server, names: list[str], timeout: float = 180) -> None:
+        """Wait until `server` reports every name SERVING; its log in the error when it does not."""
+        try:
+            launcher.wait_healthy(server.address, names, timeout=timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{server.services} did not start:\n{server.log_text()[-4000:]}") from None
 
     def point_at(self, name: str, server: Server) -> None:
         """Make later servers call service `name` at `server`."""
         self.env[f"{name.upper()}_ADDR"] = server.address
 
+    def reserve_envoy_ports(self) -> tuple[int, int]:
+        """Envoy's listener and admin ports (chosen once: a control plane renders the listener before Envoy
+        starts)."""
+        if "ENVOY_PORT" not in self.env:
+            self.env["ENVOY_PORT"], self.env["ENVOY_ADMIN_PORT"] = str(free_port()), str(free_port())
+        return int(self.env["ENVOY_PORT"]), int(self.env["ENVOY_ADMIN_PORT"])
+
     def start_envoy(self, upstreams: dict[str, Server]) -> Envoy:
-        """Render an Envoy config for `upstreams` (service name -> server), start it, wait until every upstream
-        is healthy through it."""
-        port, admin = free_port(), free_port()
-        target = envoy_config.EnvoyTarget(
-            "test",
-            "127.0.0.1",
-            port,
-            admin,
-            {name: ("127.0.0.1", server.port) for name, server in upstreams.items()},
-            str(ROOT / "gen" / "voiceassist.binpb"),
-            ("http://localhost:3000",),
+        """Render a static Envoy config for `upstreams` (service name -> server), start it, wait until every
+        upstream is healthy through it."""
+        self.reserve_envoy_ports()
+        target = dataclasses.replace(
+            envoy_config.embedded_target(self.settings(), str(envoy_config.DESCRIPTOR)),
+            cors_origins=("http://localhost:3000",),
+            upstreams={name: [("127.0.0.1", server.port)] for name, server in upstreams.items()},
             access_log_path=str(self.workdir / "envoy-access.log"),
         )
-        config = self.workdir / f"envoy-{port}.yaml"
+        return self._run_envoy(target)
+
+    def start_control_plane(self, port: int | None = None, **extra_env: str) -> Server:
+        """Start a control plane; servers started later announce themselves to it, and `start_xds_envoy` points
+        an Envoy at it."""
+        self.reserve_envoy_ports()
+        port = port or int(self.env.get("CONTROL_PLANE_PORT") or free_port())
+        self.env["CONTROL_PLANE_PORT"] = str(port)
+        self.env["CONTROL_PLANE_ADDR"] = f"127.0.0.1:{port}"
+        log = self.workdir / f"control-plane-{port}.log"
+        args = launcher.control_plane_args(port, None)
+        process = launcher.spawn(args, env={**self.env, **extra_env}, log_path=log)
+        server = Server("control-plane", port, process, log)
+        self.control_plane = server
+        self.wait_serving(server, [registry.CONTROL_PLANE.grpc_service], timeout=60)
+        return server
+
+    def start_xds_envoy(
+        self, wait_for: Iterable[str] = EVERY_SERVICE, control_plane: tuple[str, int] | None = None
+    ) -> Envoy:
+        """Start an Envoy driven by this cluster's control plane (or the one at `control_plane`); wait until
+        `wait_for` answer SERVING through it."""
+        if control_plane is None:
+            assert self.control_plane is not None, "start_control_plane first"
+            control_plane = ("127.0.0.1", self.control_plane.port)
+        target = dataclasses.replace(
+            envoy_config.xds_target(self.settings(), control_plane),
+            access_log_path=str(self.workdir / "envoy-access.log"),
+        )
+        return self._run_envoy(target, wait_for)
+
+    def _run_envoy(self, target: envoy_config.EnvoyTarget, wait_for: Iterable[str] = EVERY_SERVICE) -> Envoy:
+        config = self.workdir / f"envoy-{target.listen_port}.yaml"
         config.write_text(envoy_config.render(target))
-        log = self.workdir / f"envoy-{port}.log"
-        self.envoy = Envoy(port, admin, launcher.start_envoy(config, log_path=log), log)
-        launcher.wait_envoy_ready(admin)
-        launcher.wait_healthy(self.envoy.address, [s.grpc_service for s in registry.SERVICES], timeout=60)
+        log = self.workdir / f"envoy-{target.listen_port}.log"
+        self.envoy = Envoy(target.listen_port, target.admin_port, launcher.start_envoy(config, log_path=log), log)
+        try:
+            launcher.wait_envoy_ready(target.admin_port, timeout=60, process=self.envoy.process)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}; its log:\n{log.read_text(errors='replace')[-3000:]}") from None
+        launcher.wait_healthy(self.envoy.address, list(wait_for), timeout=60)
         return self.envoy
 
     def stop(self) -> list[int]:
-        """Stop everything and forget this cluster's Redis keys; exit codes."""
-        processes = [s.process for s in self.servers] + ([self.envoy.process] if self.envoy else [])
+        """Stop everything (Envoy first, the control plane last) and forget this cluster's Redis keys; exit codes."""
+        processes = ([self.envoy.process] if self.envoy else []) + [s.process for s in self.servers]
+        processes += [self.control_plane.process] if self.control_plane else []
         codes = launcher.stop_all(processes)
         if self.env.get("REDIS_URL"):
             _delete_redis_prefix(self.env["REDIS_URL"], self.env["REDIS_KEY_PREFIX"])

@@ -4,6 +4,7 @@ deployment files consistent with the service registry."""
 from __future__ import annotations
 
 import filecmp
+import functools
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import envoy_config
+from services.control_plane import envoy_config
 from services.core import registry
 from services.core.settings import ROOT, CoreSettings
 
@@ -92,29 +93,106 @@ def test_a_service_importing_another_service_fails_lint(tmp_path: Path) -> None:
     assert "services.rag" in result.stdout and "services.search" in result.stdout
 
 
-def test_compose_file_is_valid_and_names_every_service() -> None:
+def test_compose_file_is_valid_and_matches_the_registry() -> None:
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.fail("docker-compose is missing: run scripts/system-deps")
     result = _run(compose, "-f", "compose.yaml", "config")
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
+    cp = registry.CONTROL_PLANE
+    for spec in (*registry.SERVICES, cp):
+        assert {str(spec.port), str(spec.metrics_port)} == set(services[spec.dns_name]["expose"]), spec.name
+        assert f"127.0.0.1:{spec.port}" in services[spec.dns_name]["healthcheck"]["test"], spec.name
     for spec in registry.SERVICES:
-        assert spec.name in services, spec.name
-        assert any(str(spec.port) in str(p) for p in services[spec.name].get("expose", [])), spec.name
+        env = services[spec.dns_name]["environment"]
+        assert env["CONTROL_PLANE_ADDR"] == f"{cp.dns_name}:{cp.port}"
+        assert env[f"{spec.name.upper()}_ADDR"] == f"dns:///{spec.dns_name}:{spec.port}"
     assert {"postgres", "redis", "qdrant", "envoy"} <= set(services)
+    assert f"{ROOT}/envoy/envoy.cluster.yaml:/etc/envoy/envoy.yaml:ro" in services["envoy"]["volumes"]
 
 
-def test_kubernetes_manifests_render_and_validate() -> None:
-    rendered = _run("kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", "k8s")
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    for spec in registry.SERVICES:
-        container = deployments[spec.name]["spec"]["template"]["spec"]["containers"][0]
-        assert {p["containerPort"] for p in container["ports"]} == {spec.port, spec.metrics_port}, spec.name
-    result = _run(str(BIN / "kubernetes-validate"), "--strict", "-", input=rendered.stdout)
+def test_reads_are_declared_without_side_effects() -> None:
+    """Envoy retries what a contract declares free of side effects; every GET route must be one of them."""
+    from google.api import annotations_pb2
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString((ROOT / "gen" / "voiceassist.binpb").read_bytes())
+    reads = {m.path for m in envoy_config.methods() if m.idempotency in registry.RETRY_POLICIES}
+    gets = set()
+    for f in fds.file:
+        for svc in f.service:
+            for m in svc.method:
+                rule = m.options.Extensions[annotations_pb2.http]
+                if rule.get:
+                    gets.add(f"/{f.package}.{svc.name}/{m.name}")
+    assert gets and gets <= reads
+    writes = {"/voiceassist.auth.v1.AuthService/Login", "/voiceassist.rag.v1.RagService/Ask",
+              "/voiceassist.search.v1.SearchService/DeleteDocument"}  # fmt: skip
+    assert not writes & reads
+
+
+K8S_OVERLAYS = ("dev", "prod")
+
+
+@functools.cache
+def _kustomize(overlay: str) -> str:
+    result = _run("kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", f"k8s/overlays/{overlay}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _manifests(overlay: str) -> dict[str, dict[str, dict]]:
+    """The rendered overlay as {kind: {name: document}}; generated ConfigMaps under their unhashed names."""
+    docs: dict[str, dict[str, dict]] = {}
+    for doc in filter(None, yaml.safe_load_all(_kustomize(overlay))):
+        name = doc["metadata"]["name"]
+        if doc["kind"] == "ConfigMap":
+            name = name.rsplit("-", 1)[0]
+        docs.setdefault(doc["kind"], {})[name] = doc
+    return docs
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_kubernetes_manifests_render_and_validate(overlay: str) -> None:
+    result = _run(str(BIN / "kubernetes-validate"), "--strict", "-", input=_kustomize(overlay))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_kubernetes_manifests_match_the_registry(overlay: str) -> None:
+    k8s = _manifests(overlay)
+    config = k8s["ConfigMap"]["voiceassist-config"]["data"]
+    cp = registry.CONTROL_PLANE
+    assert config["CONTROL_PLANE_ADDR"] == f"{cp.dns_name}:{cp.port}"
+    assert {p["port"] for p in k8s["Service"][cp.dns_name]["spec"]["ports"]} == {cp.port, cp.metrics_port}
+    control = k8s["Deployment"][cp.dns_name]
+    assert control["spec"]["replicas"] == 1 and control["spec"]["strategy"]["type"] == "Recreate"
+    container = control["spec"]["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in container["ports"]} == {cp.port, cp.metrics_port}
+    assert container["readinessProbe"]["grpc"] == {"port": cp.port, "service": cp.grpc_service}
+    envoy = k8s["Deployment"]["envoy"]["spec"]["template"]["spec"]["containers"][0]
+    assert [p["containerPort"] for p in envoy["ports"]] == [CoreSettings.model_fields["envoy_port"].default]
+    bootstrap = k8s["ConfigMap"]["envoy-config"]["data"]
+    assert bootstrap == {"envoy.yaml": (ROOT / "envoy" / "envoy.cluster.yaml").read_text()}
+
+    for spec in registry.SERVICES:
+        assert config[f"{spec.name.upper()}_ADDR"] == f"dns:///{spec.dns_name}:{spec.port}"
+        deployment = k8s["Deployment"][spec.dns_name]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert {p["containerPort"] for p in container["ports"]} == {spec.port, spec.metrics_port}, spec.name
+        assert container["readinessProbe"]["grpc"] == {"port": spec.port, "service": spec.grpc_service}, spec.name
+        env = {e["name"]: e for e in container["env"]}
+        assert env["GRPC_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, spec.name
+        selector = deployment["spec"]["selector"]
+        service = k8s["Service"][spec.dns_name]["spec"]
+        assert service["clusterIP"] == "None" and service["selector"] == selector["matchLabels"], spec.name
+        assert {p["name"]: p["port"] for p in service["ports"]} == {"grpc": spec.port, "metrics": spec.metrics_port}
+        assert k8s["PodDisruptionBudget"][spec.dns_name]["spec"]["selector"] == selector, spec.name
+        hpa = k8s["HorizontalPodAutoscaler"][spec.dns_name]["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.dns_name}
+        if overlay == "prod":
+            assert deployment["spec"]["replicas"] >= 2 and hpa["minReplicas"] >= 2, spec.name
 
 
 def test_env_example_lists_every_setting() -> None:
@@ -128,7 +206,7 @@ def test_env_example_lists_every_setting() -> None:
         if "=" in line
     }
     classes = [CoreSettings]
-    for spec in registry.SERVICES:
+    for spec in (*registry.SERVICES, registry.CONTROL_PLANE):
         if (ROOT / "services" / spec.name / "settings.py").exists():
             module = importlib.import_module(f"services.{spec.name}.settings")
             classes += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, ServiceSettings)
