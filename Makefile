@@ -19,7 +19,7 @@ setup: $(BIN)/.installed  ## create the venv and install everything
 run: setup  ## the whole system in one process (embedded mode) behind Envoy on :8080; Ctrl-C stops it
 	$(BIN)/voiceassist up
 
-mesh: setup  ## one process per service + Envoy; PostgreSQL and Redis from DATABASE_URL / REDIS_URL
+mesh: setup  ## a control plane, <NAME>_WORKERS processes per service, Envoy over xDS; PostgreSQL and Redis from DATABASE_URL / REDIS_URL
 	$(BIN)/voiceassist up --mesh
 
 gen: setup  ## regenerate gen/ and envoy/ from proto/ and the service registry

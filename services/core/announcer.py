@@ -66,7 +66,16 @@ class Announcer:
         """Open the announcement streams."""
         self._state = SERVING if serving else NOT_SERVING
         self._channel = grpc.aio.insecure_channel(
-            self._target, options=[("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+            self._target,
+            options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                # gRPC's own reconnect backoff grows to minutes; a restarted control plane must hear from every
+                # worker within its warm-up.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", int(RECONNECT_MAX_SECONDS * 1000)),
+            ],
         )
         stub = control_pb2_grpc.EndpointRegistryServiceStub(self._channel)
         self._tasks = [asyncio.create_task(self._keep_announced(stub, e)) for e in self._endpoints]
@@ -124,7 +133,7 @@ class Announcer:
     async def _announce(self, stub: control_pb2_grpc.EndpointRegistryServiceStub, endpoint: control_pb2.Endpoint
                         ) -> None:  # fmt: skip
         """One stream, until it ends (the control plane went away) or the task is cancelled."""
-        call = stub.AnnounceEndpoint()
+        call = stub.AnnounceEndpoint(wait_for_ready=True)  # waits for the channel's next connection attempt
         replies: asyncio.Queue[control_pb2.AnnounceEndpointResponse | None] = asyncio.Queue()
 
         async def read() -> None:
