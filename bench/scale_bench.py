@@ -7,6 +7,9 @@ the runs alternate (1, 2, 1, 2, ...) so that the machine's drift hits both alike
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +23,35 @@ from tests.support.mesh import Cluster, Envoy, Server, drop_schemas
 
 TARGET_RATIO = 1.4
 SECONDS = 10
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(name: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def _measured(url: str, headers: dict[str, str], groups: dict[str, list[int]]) -> tuple[float, dict[str, float]]:
+    """One wrk run: req/s, and each group's CPU milliseconds per request (wrk's own too)."""
+    before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rps = wrk_rps(url, headers, seconds=SECONDS)
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    requests = rps * SECONDS
+    cpu = {name: (_cpu_seconds(pids) - before[name]) * 1000 / requests for name, pids in groups.items()}
+    wrk = after_children.ru_utime + after_children.ru_stime - children.ru_utime - children.ru_stime
+    return rps, cpu | {"wrk": wrk * 1000 / requests}
 
 
 def _serving(envoy: Envoy, server: Server, url: str, headers: dict[str, str]) -> None:
@@ -43,18 +75,28 @@ def main() -> None:
                 account = register_and_login(channel)
             url = f"{envoy.http}/v1/users/me"
             wrk_rps(url, account.headers, seconds=3)  # warm up
-            one, two = [], []
+            one, two, costs = [], [], []
             for _ in range(RUNS):
                 one.append(wrk_rps(url, account.headers, seconds=SECONDS))
                 second = cluster.start("auth")
                 _serving(envoy, second, url, account.headers)
-                two.append(wrk_rps(url, account.headers, seconds=SECONDS))
+                wrk_rps(url, account.headers, seconds=3)  # the new worker warms up (pools, caches) like the first
+                groups = {
+                    "auth": [first.process.pid, second.process.pid],
+                    "envoy": [envoy.process.pid],
+                    "postgresql": _pids("postgres"),
+                    "redis": _pids("redis-server"),
+                }
+                rps, cpu = _measured(url, account.headers, groups)
+                two.append(rps)
+                costs.append(cpu)
                 second.stop()  # withdraws from Envoy, then stops
             assert envoy.endpoints("auth").keys() == {first.address}
         finally:
             cluster.stop()
             drop_schemas(cluster.env["DATABASE_SCHEMA_PREFIX"], ["auth"])
     ratio = median(two) / median(one)
+    cpu_ms = {name: median([c[name] for c in costs]) for name in costs[0]}
     table(
         f"scale-out: GET /v1/users/me through Envoy (xDS) to auth workers on PostgreSQL + Redis; wrk -t2 -c50 "
         f"{SECONDS}s, runs alternating, median of {RUNS}; load tool, Envoy, PostgreSQL and Redis on the same 2 cores",
@@ -66,6 +108,10 @@ def main() -> None:
                 f"{ratio:.2f}x",
                 f">= {TARGET_RATIO}",
                 "met" if ratio >= TARGET_RATIO else "not met",
+            ),
+            (
+                "CPU per read with 2 workers (ms, median)",
+                ", ".join(f"{name} {ms:.2f}" for name, ms in cpu_ms.items()) + f"; total {sum(cpu_ms.values()):.2f}",
             ),
         ],
     )
