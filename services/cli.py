@@ -169,7 +169,6 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
     run = settings.data_dir / "run"
     run.mkdir(parents=True, exist_ok=True)
     metrics = settings.metrics_enabled
-    envoy_listener = (local_address(settings.envoy_host), settings.envoy_port)
     ports = [
         ("ENVOY_PORT", settings.envoy_host, settings.envoy_port),
         ("ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy_admin_port),
@@ -177,8 +176,8 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
     everything = [s.grpc_service for s in registry.SERVICES]
     if mesh:
         cp = settings.control_plane_port
-        env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr or f"{local_address(settings.grpc_host)}:{cp}"}
         cp_address = f"{local_address(settings.grpc_host)}:{cp}"
+        env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr or cp_address}
         control = Child(
             "control-plane", launcher.control_plane_args(cp, settings.control_plane_metrics_port if metrics else None),
             settings.logs / "control-plane.log",
@@ -212,10 +211,10 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
         config = run / "envoy.yaml"
         config.write_text(envoy_config.render(envoy_config.embedded_target(settings, str(envoy_config.DESCRIPTOR))))
         stages = [[server]]
+    # Envoy is ready when every service answers health checks through its listener (routes and endpoints in place).
     envoy = Child(
         "envoy", launcher.envoy_args(config), settings.logs / "envoy.log",
-        lambda: launcher.envoy_is_ready(settings.envoy_admin_port, envoy_listener)
-        and launcher.is_serving(f"{envoy_listener[0]}:{envoy_listener[1]}", everything),
+        lambda: launcher.is_serving(settings.envoy_address, everything),
     )  # fmt: skip
     return [*stages, [envoy]], ports
 
@@ -288,14 +287,14 @@ def create_admin_command(email: str, password: str, full_name: str) -> None:
 
 
 def _print_urls(settings: CoreSettings, mesh: bool) -> None:
-    host, port = local_address(settings.envoy_host), settings.envoy_port
+    address = settings.envoy_address
     workers = ", ".join(f"{s.name} x{settings.workers_of(s.name)}" for s in registry.SERVICES) if mesh else ""
     click.echo(
         f"""
 VoiceAssist Mesh is up{f" ({workers})" if workers else ""}.
-  JSON / gRPC / gRPC-Web   http://{host}:{port}
-  try                      curl -s http://{host}:{port}/v1/auth/jwks
-                           grpcurl -plaintext {host}:{port} list
+  JSON / gRPC / gRPC-Web   http://{address}
+  try                      curl -s http://{address}/v1/auth/jwks
+                           grpcurl -plaintext {address} list
   Envoy admin              http://127.0.0.1:{settings.envoy_admin_port}
   logs                     {settings.logs}
 Press Ctrl-C to stop."""

@@ -1,8 +1,8 @@
 """The mesh's processes: the command line of each kind (servers, the control plane, Envoy), how to tell that one
 is ready, and how to stop them. Used by the supervisor behind `voiceassist up` / `serve --workers` and by the tests.
 
-A process is ready when gRPC health says SERVING (servers) or Envoy's admin /ready says LIVE and its listener
-accepts connections; nothing sleeps and hopes.
+A process is ready when gRPC health says SERVING (servers; for Envoy, asked through its listener); nothing sleeps
+and hopes.
 """
 
 from __future__ import annotations
@@ -87,64 +87,51 @@ def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) ->
     return spawn(envoy_args(config), log_path=log_path, cwd=cwd)
 
 
+def _health(stub: health_pb2_grpc.HealthStub, name: str, timeout: float) -> str:
+    """The status gRPC health reports for `name` ("SERVING", "NOT_SERVING", ...), or the call's error code."""
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1.0) -> bool:
     """True when gRPC health at `address` reports SERVING for every name in `services` (one try each)."""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            return all(
-                stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout).status
-                == health_pb2.HealthCheckResponse.SERVING
-                for name in services
-            )
-        except grpc.RpcError:
-            return False
+        return all(_health(stub, name, timeout) == "SERVING" for name in services)
 
 
 def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float = 60.0) -> None:
     """Block until gRPC health at `address` reports SERVING for every name in `services`."""
     deadline = time.monotonic() + timeout
     pending = list(services)
-    last_error = ""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while pending:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=pending[0]), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    pending.pop(0)
-                    continue
-                last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.RpcError as exc:
-                last_error = exc.code().name
+            status = _health(stub, pending[0], 2)
+            if status == "SERVING":
+                pending.pop(0)
+                continue
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not SERVING for {pending[0]!r} after {timeout}s ({last_error})")
+                raise TimeoutError(f"{address} not SERVING for {pending[0]!r} after {timeout}s ({status})")
             time.sleep(0.1)
 
 
-def envoy_is_ready(admin_port: int, listener: tuple[str, int] | None = None) -> bool:
-    """True when Envoy's admin /ready says LIVE and (when given) its listener accepts connections; a listener
-    that Envoy could not bind (its port taken) leaves Envoy LIVE but unreachable."""
+def envoy_is_ready(admin_port: int) -> bool:
+    """True when Envoy's admin /ready says LIVE."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:
-            if reply.status != 200:
-                return False
+            return reply.status == 200
     except OSError:
         return False
-    if listener is None:
-        return True
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(listener) == 0
 
 
-def wait_envoy_ready(
-    admin_port: int, timeout: float = 30.0, listener: tuple[str, int] | None = None,
-    process: subprocess.Popen | None = None,
-) -> None:  # fmt: skip
+def wait_envoy_ready(admin_port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
     """Block until `envoy_is_ready`; RuntimeError at once when `process` (the Envoy) exited."""
     deadline = time.monotonic() + timeout
-    while not envoy_is_ready(admin_port, listener):
+    while not envoy_is_ready(admin_port):
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"envoy exited with code {process.returncode} before it was ready")
         if time.monotonic() > deadline:

@@ -96,19 +96,25 @@ class EndpointRegistryServicer(control_pb2_grpc.EndpointRegistryServiceServicer)
                 self._mesh.table.remove(key)
 
 
+class ControlPlane:
+    """The snapshot cache, the configuration that feeds it, and the two services that serve it."""
+
+    def __init__(self, core: CoreSettings, settings: ControlPlaneSettings) -> None:
+        self.cache = SnapshotCache(settings.warm_up_seconds)
+        self.mesh = MeshConfiguration(core, self.cache)
+        self.mesh.publish()
+        self._registry = EndpointRegistryServicer(self.mesh, self.cache, settings)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Serve xDS (ADS) and endpoint announcements on `server`."""
+        add_ads_to_server(self.cache, server)
+        control_pb2_grpc.add_EndpointRegistryServiceServicer_to_server(self._registry, server)
+
+
 async def build(runtime: Runtime) -> Hosted:
     """The control plane, ready to be hosted."""
     settings = control_plane_settings()
-    cache = SnapshotCache(settings.warm_up_seconds)
     # Packing the listener (with the descriptor set inline) takes a moment: off the event loop.
-    mesh = await asyncio.to_thread(MeshConfiguration, runtime.settings, cache)
-    mesh.publish()
-    servicer = EndpointRegistryServicer(mesh, cache, settings)
-
-    def register(server: grpc.aio.Server) -> None:
-        add_ads_to_server(cache, server)
-        control_pb2_grpc.add_EndpointRegistryServiceServicer_to_server(servicer, server)
-
+    plane = await asyncio.to_thread(ControlPlane, runtime.settings, settings)
     log.info("control plane ready", extra={"warm_up_seconds": settings.warm_up_seconds})
-    return Hosted(registry.CONTROL_PLANE, register)
-
+    return Hosted(registry.CONTROL_PLANE, plane.register)

@@ -148,8 +148,8 @@ class _CoreSettings(ServiceSettings):
         configured = str(getattr(self, f"{registry.spec(service).name}_addr"))
         if configured:
             return configured
-        port = self.port_of(service)
-        return "ipv4:" + ",".join(f"127.0.0.1:{port + i}" for i in range(self.workers_of(service)))
+        host, port = local_address(self.grpc_host), self.port_of(service)
+        return "ipv4:" + ",".join(f"{host}:{port + i}" for i in range(self.workers_of(service)))
 
     def scale_blockers(self, service: str) -> list[str]:
         """The settings a service lacks to run more than one process (empty: it may)."""
@@ -184,7 +184,7 @@ def _service_fields() -> dict[str, Any]:
         fields[f"{name}_addr"] = (
             str,
             Field("", description=f"gRPC target of {name} for the other services (host:port, ipv4:a:p,b:q or "
-                  "dns:///name:port); empty: its local workers on 127.0.0.1."),
+                  "dns:///name:port); empty: its workers on this host."),
         )  # fmt: skip
     return fields
 

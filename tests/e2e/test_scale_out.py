@@ -17,16 +17,15 @@ import grpc
 import pytest
 
 from services.control_plane import envoy_config
-from services.control_plane.server import EndpointRegistryServicer, MeshConfiguration
+from services.control_plane.server import ControlPlane
 from services.control_plane.settings import ControlPlaneSettings
-from services.control_plane.xds import CLUSTERS, SnapshotCache, add_ads_to_server, pack
+from services.control_plane.xds import CLUSTERS, pack
 from services.core import registry
 from services.core.runtime import Runtime
 from services.core.server import add_services, new_server
 from tests.support.clients import Account, register_and_login
 from tests.support.mesh import Cluster, Envoy, Server, drop_schemas, free_port
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
-from voiceassist.control.v1 import control_pb2_grpc
 
 pytestmark = pytest.mark.mesh
 AUTH = registry.spec("auth").grpc_service
@@ -170,15 +169,12 @@ async def test_a_configuration_envoy_rejects_is_nacked_and_the_last_good_one_sta
     cluster.reserve_envoy_ports()
     settings = cluster.settings()
     runtime = Runtime(settings, [registry.CONTROL_PLANE.name], settings.control_plane_addr)
-    cache = SnapshotCache(warm_up_seconds=0)
-    mesh = MeshConfiguration(settings, cache)
-    mesh.publish()
+    plane = ControlPlane(settings, ControlPlaneSettings(_env_file=None, warm_up_seconds=0))
+    cache = plane.cache
     server = new_server(runtime)
     assert server.add_insecure_port(settings.control_plane_addr) == port
     add_services(server, runtime, [])
-    add_ads_to_server(cache, server)
-    servicer = EndpointRegistryServicer(mesh, cache, ControlPlaneSettings(_env_file=None))
-    control_pb2_grpc.add_EndpointRegistryServiceServicer_to_server(servicer, server)
+    plane.register(server)
     await server.start()
     try:
         await asyncio.to_thread(cluster.start, "auth")  # announces itself to the control plane here
