@@ -49,7 +49,11 @@ test: check-gen lint  ## everything CI runs
 test-fast: setup  ## the tests only
 	$(BIN)/pytest -x -q
 
-bench: setup  ## benchmarks; each prints a table
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: $(BIN)/.bench-installed  ## benchmarks (the bench group installs the FastAPI peer and py-spy); writes bench/results.md
 	$(BIN)/python bench/run_all.py
 
 clean:

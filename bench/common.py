@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.mesh import Cluster, all_upstreams
@@ -53,15 +56,83 @@ def h2load_rps(url: str, body: Path, headers: dict[str, str], requests: int = 20
     return float(rps.group(1))
 
 
-def wrk_rps(url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50) -> float:
-    """Requests/s of JSON GETs by wrk (2 threads)."""
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s"]
+@dataclass(frozen=True)
+class WrkRun:
+    """One wrk run: throughput and latency percentiles."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _post_script(bodies: list[str], folder: Path) -> Path:
+    """A wrk script that POSTs the JSON bodies in turn."""
+    script = folder / "post.lua"
+    quoted = ", ".join("[==[" + body + "]==]" for body in bodies)
+    script.write_text(
+        f"local bodies = {{{quoted}}}\nlocal i = 0\n"
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        "request = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n"
+    )
+    return script
+
+
+def wrk(
+    url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50, bodies: list[str] | None = None
+) -> WrkRun:
+    """HTTP load by wrk (2 threads): GETs, or POSTs of `bodies` in turn; requests/s and latency percentiles."""
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for key, value in headers.items():
         args += ["-H", f"{key}: {value}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=120).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        if bodies:
+            args += ["-s", str(_post_script(bodies, Path(tmp)))]
+        out = subprocess.run([*args, url], capture_output=True, text=True, timeout=120).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50, p99 = (re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M) for q in (50, 99))
+    return WrkRun(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), _ms(*p50.groups()), _ms(*p99.groups()))
+
+
+def wrk_rps(url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50) -> float:
+    """Requests/s of JSON GETs by wrk (2 threads)."""
+    return wrk(url, headers, seconds, connections).rps
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(name: str) -> list[int]:
+    """Processes whose name is exactly `name` (e.g. every PostgreSQL backend)."""
+    found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def measured(
+    url: str, headers: dict[str, str], groups: dict[str, list[int]], seconds: int, bodies: list[str] | None = None
+) -> tuple[WrkRun, dict[str, float]]:
+    """One wrk run, and each group's CPU milliseconds per request (wrk's own too)."""
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = wrk(url, headers, seconds=seconds, bodies=bodies)
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    requests = run.rps * seconds
+    cpu = {name: (cpu_seconds(pids) - before[name]) * 1000 / requests for name, pids in groups.items()}
+    used = after_children.ru_utime + after_children.ru_stime - children.ru_utime - children.ru_stime
+    return run, cpu | {"wrk": used * 1000 / requests}
 
 
 def grpc_frame(message: bytes) -> bytes:

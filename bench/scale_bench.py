@@ -7,51 +7,19 @@ the runs alternate (1, 2, 1, 2, ...) so that the machine's drift hits both alike
 
 from __future__ import annotations
 
-import os
-import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
-from bench.common import RUNS, median, require_tools, table, wrk_rps
+from bench.common import RUNS, measured, median, pids_named, require_tools, table, wrk_rps
 from services.core import registry
 from tests.support.clients import register_and_login
 from tests.support.mesh import Cluster, Envoy, Server, drop_schemas
 
 TARGET_RATIO = 1.4
 SECONDS = 10
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes used so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _pids(name: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in found]
-
-
-def _measured(url: str, headers: dict[str, str], groups: dict[str, list[int]]) -> tuple[float, dict[str, float]]:
-    """One wrk run: req/s, and each group's CPU milliseconds per request (wrk's own too)."""
-    before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rps = wrk_rps(url, headers, seconds=SECONDS)
-    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    requests = rps * SECONDS
-    cpu = {name: (_cpu_seconds(pids) - before[name]) * 1000 / requests for name, pids in groups.items()}
-    wrk = after_children.ru_utime + after_children.ru_stime - children.ru_utime - children.ru_stime
-    return rps, cpu | {"wrk": wrk * 1000 / requests}
 
 
 def _serving(envoy: Envoy, server: Server, url: str, headers: dict[str, str]) -> None:
@@ -84,10 +52,11 @@ def main() -> None:
                 groups = {
                     "auth": [first.process.pid, second.process.pid],
                     "envoy": [envoy.process.pid],
-                    "postgresql": _pids("postgres"),
-                    "redis": _pids("redis-server"),
+                    "postgresql": pids_named("postgres"),
+                    "redis": pids_named("redis-server"),
                 }
-                rps, cpu = _measured(url, account.headers, groups)
+                run, cpu = measured(url, account.headers, groups, SECONDS)
+                rps = run.rps
                 two.append(rps)
                 costs.append(cpu)
                 second.stop()  # withdraws from Envoy, then stops

@@ -6,7 +6,20 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, and_, func, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +49,9 @@ class UserRow(Base):
     tokens_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (Index("ix_users_created", "created_at", "id"), Index("ix_users_role_active", "role", "active"))
+
+
+_USER_BY_ID = select(UserRow.__table__).where(UserRow.__table__.c.id == bindparam("user_id"))
 
 
 class SigningKeyRow(Base):
@@ -113,9 +129,10 @@ class AuthStore:
             return await s.scalar(select(UserRow).where(UserRow.email == email))
 
     async def user_by_id(self, user_id: str) -> UserRow | None:
-        """The account with this id."""
-        async with self.db.session() as s:
-            return await s.get(UserRow, user_id)
+        """The account with this id (detached). Every GetCurrentUser reads it: one Core statement, no ORM identity
+        map and no transaction around it."""
+        row = await self.db.fetch_one(_USER_BY_ID, {"user_id": user_id})
+        return UserRow(**row._mapping) if row is not None else None
 
     async def update_user(self, user_id: str, **values: object) -> UserRow | None:
         """Set columns of an account (and updated_at); the new row, or None when it does not exist."""

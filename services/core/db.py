@@ -8,15 +8,18 @@ together.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy import DateTime, Executable, MetaData, Row, event, text
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -64,12 +67,9 @@ class Database:
                 raise ValueError(f"bad schema name {self.schema!r}")
             connect_args["server_settings"] = {"search_path": self.schema, "application_name": service}
             self.engine: AsyncEngine = create_async_engine(
-                url,
-                connect_args=connect_args,
-                pool_size=settings.database_pool_size,
-                max_overflow=settings.database_pool_size,
-                pool_pre_ping=True,
+                url, connect_args=connect_args, pool_size=settings.database_pool_size, max_overflow=0
             )
+            _ping_when_idle(self.engine, settings.database_idle_ping_seconds)
         else:
             self.engine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -79,6 +79,13 @@ class Database:
     def is_postgres(self) -> bool:
         """True in mesh mode."""
         return self.engine.dialect.name == "postgresql"
+
+    async def fetch_one(self, statement: Executable, params: dict[str, Any]) -> Row | None:
+        """The first row of a single-statement read, in autocommit: no BEGIN and ROLLBACK round trips around it
+        (for the hottest reads; anything that reads twice or writes takes a session)."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return (await conn.execute(statement, params)).first()
 
     def session(self) -> AsyncSession:
         """A new session; use as `async with db.session() as s, s.begin(): ...`."""
@@ -101,6 +108,26 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
+    """Pessimistic disconnect handling for connections that sat idle, where a database restart or an idle timeout
+    leaves dead ones: such a connection is pinged at checkout, and a dead one replaced before the caller sees it.
+    A connection in use moments ago proves itself by working (SQLAlchemy's pool_pre_ping would ping every checkout).
+    """
+
+    def checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", math.inf) >= idle_seconds:
+            try:
+                dbapi_connection.ping()
+            except Exception as exc:
+                raise DisconnectionError(str(exc)) from exc
+
+    event.listen(engine.sync_engine, "checkin", checkin)
+    event.listen(engine.sync_engine, "checkout", checkout)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -52,6 +52,7 @@ class Runtime:
             leeway=settings.jwt_leeway_seconds,
             fail_closed=settings.auth_fail_closed,
             on_outage=self._audit_revocation_outage,
+            cache_size=settings.token_cache_size,
         )
 
     def address(self, service: str) -> str:

@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import interceptors, registry
 from services.core.announcer import Announcer
-from services.core.auth import AuthInterceptor
 from services.core.errors import Reason, ServiceError
 from services.core.logs import configure_logging
 from services.core.metrics import serve_metrics
@@ -116,10 +115,12 @@ def new_server(runtime: Runtime) -> grpc.aio.Server:
     """A server with the shared interceptors and options, hosting nothing yet."""
     return grpc.aio.server(
         interceptors=[
-            interceptors.RequestContextInterceptor(runtime.settings.trusted_proxies),
-            interceptors.TelemetryInterceptor(),
-            interceptors.ErrorInterceptor(_domain_of),
-            AuthInterceptor(runtime),
+            interceptors.CallInterceptor(
+                runtime.token_verifier,
+                trusted_proxies=runtime.settings.trusted_proxies,
+                domain_of=_domain_of,
+                slow_call_seconds=runtime.settings.log_slow_call_seconds,
+            )
         ],
         options=server_options(runtime.settings),
     )

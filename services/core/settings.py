@@ -31,6 +31,12 @@ class _CoreSettings(ServiceSettings):
         "development", description="Where this runs; production refuses embedded defaults that are unsafe."
     )
     log_level: str = Field("INFO", description="Root log level.")
+    log_slow_call_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="A call that succeeds is logged only when it takes longer than this (every failed call is): "
+        "Envoy's access log has every call, and a log line per call costs the service a few percent of its CPU.",
+    )
     data_dir: Path = Field(ROOT / "data", description="Embedded mode: SQLite files, keys, the local index.")
     log_dir: Path | None = Field(
         None, description="Where `voiceassist up` writes each process's log. Empty: data_dir/logs."
@@ -44,7 +50,18 @@ class _CoreSettings(ServiceSettings):
     database_schema_prefix: str = Field(
         "", description="Prefix of each service's PostgreSQL schema (tests use it to isolate runs)."
     )
-    database_pool_size: int = Field(10, description="Connections each service process keeps per database.")
+    database_pool_size: int = Field(
+        10,
+        ge=1,
+        description="Connections each service process keeps to its database, and the most it opens: a call that "
+        "finds them all busy waits a moment for one (opening and closing extra connections under load cost more).",
+    )
+    database_idle_ping_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A pooled connection idle for longer is checked (and replaced when dead) before use; one used "
+        "more recently is not: a ping on every checkout costs asyncpg three round trips, more than the query.",
+    )
     redis_url: str = Field(
         "", description="e.g. redis://127.0.0.1:6379/0. Empty: in-process stores and queues (embedded mode)."
     )
@@ -55,6 +72,12 @@ class _CoreSettings(ServiceSettings):
     jwt_issuer: str = Field("voiceassist-auth", description="`iss` of every token; checked by every verifier.")
     jwt_audience: str = Field("voiceassist", description="`aud` of access tokens; checked by every verifier.")
     jwt_leeway_seconds: int = Field(30, description="Clock skew tolerated when checking exp/iat.")
+    token_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Access tokens whose signature each process remembers as checked (until they expire); "
+        "revocation is checked on every call regardless. 0: check every signature every time.",
+    )
     auth_fail_closed: bool = Field(
         False,
         description="When Redis (revocation list, rate limits) is unreachable: false = allow and audit the outage "

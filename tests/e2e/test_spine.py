@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -156,14 +157,24 @@ def test_oversized_json_body_is_resource_exhausted_json(edge_http: httpx.Client)
     assert reply.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
-def test_request_id_is_echoed_and_logged(embedded: Cluster, embedded_channel: grpc.Channel) -> None:
+def test_request_id_is_echoed_and_failed_calls_are_logged(embedded: Cluster, embedded_channel: grpc.Channel) -> None:
     request_id = f"test-{uuid.uuid4().hex}"
     stub = auth_pb2_grpc.AuthServiceStub(embedded_channel)
     _, call = stub.CheckPasswordStrength.with_call(
         auth_pb2.CheckPasswordStrengthRequest(password="abc"), metadata=(("x-request-id", request_id),), timeout=10
     )
-    assert ("x-request-id", request_id) in tuple(call.initial_metadata())
-    assert request_id in embedded.servers[0].log_text()
+    assert ("x-request-id", request_id) in tuple(call.trailing_metadata())
+    # A call that succeeds quickly costs no service log line (Envoy's access log has every call); a failed one does.
+    assert request_id not in embedded.servers[0].log_text()
+    failed_id = f"test-{uuid.uuid4().hex}"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=(("x-request-id", failed_id),), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ("x-request-id", failed_id) in tuple(caught.value.trailing_metadata())
+    line = next(json.loads(x) for x in embedded.servers[0].log_text().splitlines() if failed_id in x)
+    assert (line["message"], line["code"], line["method"]) == (
+        "rpc", "UNAUTHENTICATED", "/voiceassist.auth.v1.AuthService/GetCurrentUser"
+    )
 
 
 def test_request_id_through_envoy_json(embedded: Cluster, edge_http: httpx.Client) -> None:
@@ -172,7 +183,13 @@ def test_request_id_through_envoy_json(embedded: Cluster, edge_http: httpx.Clien
         "/v1/auth:checkPasswordStrength", json={"password": "abc"}, headers={"x-request-id": request_id}
     )
     assert reply.headers["x-request-id"] == request_id
-    assert request_id in embedded.servers[0].log_text()
+    access = embedded.workdir / "envoy-access.log"
+    deadline = time.monotonic() + 10  # Envoy flushes its access log every second
+    while request_id not in (access.read_text() if access.exists() else ""):
+        assert time.monotonic() < deadline, "the call is not in Envoy's access log"
+        time.sleep(0.2)
+    line = next(json.loads(x) for x in access.read_text().splitlines() if request_id in x)
+    assert (line["path"], line["status"], line["upstream"]) == ("/v1/auth:checkPasswordStrength", 200, "auth")
 
 
 def test_error_details_never_carry_internals(edge_http: httpx.Client) -> None:
