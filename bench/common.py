@@ -69,28 +69,32 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def _post_script(bodies: list[str], folder: Path) -> Path:
-    """A wrk script that POSTs the JSON bodies in turn."""
+Post = tuple[str, str]  # (path, JSON body) of one POST
+
+
+def _post_script(posts: list[Post], folder: Path) -> Path:
+    """A wrk script that sends the POSTs in turn."""
     script = folder / "post.lua"
-    quoted = ", ".join("[==[" + body + "]==]" for body in bodies)
+    quoted = ", ".join(f"{{[==[{path}]==], [==[{body}]==]}}" for path, body in posts)
     script.write_text(
-        f"local bodies = {{{quoted}}}\nlocal i = 0\n"
+        f"local posts = {{{quoted}}}\nlocal i = 0\n"
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        "request = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n"
+        "request = function()\n  i = i % #posts + 1\n  return wrk.format(nil, posts[i][1], nil, posts[i][2])\nend\n"
     )
     return script
 
 
 def wrk(
-    url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50, bodies: list[str] | None = None
+    url: str, headers: dict[str, str], seconds: int = 5, connections: int = 50, posts: list[Post] | None = None
 ) -> WrkRun:
-    """HTTP load by wrk (2 threads): GETs, or POSTs of `bodies` in turn; requests/s and latency percentiles."""
+    """HTTP load by wrk (2 threads): GETs of `url`, or `posts` in turn to its host; requests/s and latency
+    percentiles."""
     args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for key, value in headers.items():
         args += ["-H", f"{key}: {value}"]
     with tempfile.TemporaryDirectory() as tmp:
-        if bodies:
-            args += ["-s", str(_post_script(bodies, Path(tmp)))]
+        if posts:
+            args += ["-s", str(_post_script(posts, Path(tmp)))]
         out = subprocess.run([*args, url], capture_output=True, text=True, timeout=120).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
@@ -122,12 +126,12 @@ def pids_named(name: str) -> list[int]:
 
 
 def measured(
-    url: str, headers: dict[str, str], groups: dict[str, list[int]], seconds: int, bodies: list[str] | None = None
+    url: str, headers: dict[str, str], groups: dict[str, list[int]], seconds: int, posts: list[Post] | None = None
 ) -> tuple[WrkRun, dict[str, float]]:
     """One wrk run, and each group's CPU milliseconds per request (wrk's own too)."""
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run = wrk(url, headers, seconds=seconds, bodies=bodies)
+    run = wrk(url, headers, seconds=seconds, posts=posts)
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     requests = run.rps * seconds
     cpu = {name: (cpu_seconds(pids) - before[name]) * 1000 / requests for name, pids in groups.items()}
