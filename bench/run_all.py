@@ -14,6 +14,7 @@ from bench import (
     audit_bench,
     auth_bench,
     common,
+    footprint_bench,
     hot_path_bench,
     phi_eval,
     rag_bench,
@@ -22,7 +23,17 @@ from bench import (
     voice_eval,
 )
 
-BENCHMARKS = [hot_path_bench, auth_bench, scale_bench, audit_bench, retrieval_eval, phi_eval, rag_bench, voice_eval]
+BENCHMARKS = [
+    hot_path_bench,
+    auth_bench,
+    scale_bench,
+    audit_bench,
+    retrieval_eval,
+    phi_eval,
+    rag_bench,
+    voice_eval,
+    footprint_bench,
+]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

@@ -103,11 +103,16 @@ def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1
         return all(_health(stub, name, timeout) == "SERVING" for name in services)
 
 
+# A channel that polls a starting server reconnects every 0.1 s, as the poll loop does: with gRPC's default backoff
+# (1 s, growing) it would see the server up to seconds after it serves.
+_POLL_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100)]
+
+
 def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float = 60.0) -> None:
     """Block until gRPC health at `address` reports SERVING for every name in `services`."""
     deadline = time.monotonic() + timeout
     pending = list(services)
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=_POLL_CHANNEL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while pending:
             status = _health(stub, pending[0], 2)
