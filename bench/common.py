@@ -165,10 +165,21 @@ def table(title: str, rows: list[tuple[str, ...]]) -> None:
 
 
 def results_markdown(started: str) -> str:
-    """Every table of this run as Markdown: figure, value, target, met or not."""
-    lines = [f"# Benchmark results ({started})", "", "Written by `make bench`; each section is one benchmark.", ""]
-    for title, rows in TABLES:
-        lines += [f"## {title}", "", "| figure | value | target | met |", "|---|---|---|---|"]
-        lines += [f"| {r[0]} | {r[1]} | {r[2] if len(r) > 2 else ''} | {r[3] if len(r) > 3 else ''} |" for r in rows]
-        lines.append("")
+    """Every figure of this run in one Markdown table (benchmark, figure, value, target, met or not), then how each
+    benchmark was run."""
+    lines = [
+        f"# Benchmark results ({started})",
+        "",
+        "Written by `make bench` from one run; how each benchmark ran is below the table.",
+        "",
+        "| benchmark | figure | value | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    for number, (_title, rows) in enumerate(TABLES, 1):
+        lines += [
+            f"| {number} | {r[0]} | {r[1]} | {r[2] if len(r) > 2 else ''} | {r[3] if len(r) > 3 else ''} |"
+            for r in rows
+        ]
+    lines += ["", "## How each benchmark ran", ""]
+    lines += [f"{number}. {title}" for number, (title, _rows) in enumerate(TABLES, 1)]
     return "\n".join(lines)
