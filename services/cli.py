@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 import sys
 import time
@@ -57,6 +58,9 @@ class LazyGroup(click.Group):
 )
 def main() -> None:
     """VoiceAssist Mesh: a medical voice assistant's backend as a gRPC service mesh."""
+    # Everything this system writes (databases with password hashes and keys, the index, logs that name accounts)
+    # is its owner's alone: files 0600, folders 0700.
+    os.umask(0o077)
 
 
 def factories(servers: dict[str, str]) -> dict[str, ServiceFactory]:

@@ -59,8 +59,13 @@ class Database:
         self.schema: str | None = None
         connect_args: dict[str, Any] = {}
         if not url:
+            path = settings.data_dir / f"{service}.db"
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite+aiosqlite:///{settings.data_dir / f'{service}.db'}"
+            # Password hashes and signing keys live here: the owner's alone, whatever the umask of older runs was.
+            settings.data_dir.chmod(0o700)
+            if path.exists():
+                path.chmod(0o600)
+            url = f"sqlite+aiosqlite:///{path}"
         if url.startswith("postgresql"):
             self.schema = f"{settings.database_schema_prefix}{service}"
             if not _SCHEMA_NAME.match(self.schema):

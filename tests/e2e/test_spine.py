@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -243,3 +244,14 @@ async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
         assert "shutting down" in server.log_text() and "stopped" in server.log_text()
     finally:
         cluster.stop()
+
+
+def test_data_files_are_the_owners_alone(embedded: Cluster) -> None:
+    # Password hashes, signing keys, the index: nobody else on the host may read them (0700 folders, 0600 files).
+    data = Path(embedded.env["DATA_DIR"])
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    paths = [data / "auth.db", *data.rglob("*")]
+    assert data / "auth.db" in paths[1:]
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path.relative_to(data)} is {oct(mode)}"
