@@ -384,6 +384,25 @@ def service_cluster(spec: registry.ServiceSpec, endpoints: list[Address] | None)
 JWKS_CLUSTER = "jwks_via_envoy"
 
 
+# RFC 9110 makes the authentication scheme case-insensitive, and jwt_authn only finds a token after "Bearer " spelled
+# so: any other spelling of the scheme is rewritten before it looks (the services accept any spelling themselves).
+_BEARER_SCHEME = {
+    "name": "envoy.filters.http.lua",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {
+            "inline_string": """function envoy_on_request(handle)
+  local value = handle:headers():get("authorization")
+  if value ~= nil and string.sub(value, 1, 7) ~= "Bearer " and string.lower(string.sub(value, 1, 7)) == "bearer " then
+    handle:headers():replace("authorization", "Bearer " .. string.sub(value, 8))
+  end
+end
+"""
+        },
+    },
+}
+
+
 def _jwt_authn(target: EnvoyTarget) -> dict[str, Any]:
     """Verify access tokens at the edge with the auth service's JWKS, so a forged token never reaches a service.
 
@@ -500,6 +519,7 @@ def listener(target: EnvoyTarget) -> dict[str, Any]:
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"},
             },
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _transcoder_config(target)},
+            _BEARER_SCHEME,
             _jwt_authn(target),
             {
                 "name": "envoy.filters.http.router",

@@ -63,6 +63,7 @@ _EXTENSIONS = (
     "envoy.extensions.filters.http.grpc_json_transcoder.v3",
     "envoy.extensions.filters.http.grpc_web.v3",
     "envoy.extensions.filters.http.jwt_authn.v3",
+    "envoy.extensions.filters.http.lua.v3",
     "envoy.extensions.filters.http.router.v3",
     "envoy.extensions.filters.network.http_connection_manager.v3",
     "envoy.extensions.retry.host.previous_hosts.v3",

@@ -353,3 +353,18 @@ def test_session_has_an_absolute_lifetime(workdir: Path) -> None:
 def test_jwks_is_public_json(mesh_http: httpx.Client) -> None:
     keys = mesh_http.get("/v1/auth/jwks").json()["keys"]
     assert keys and all(k["kty"] == "OKP" and k["alg"] == "EdDSA" and "y" not in k for k in keys)
+
+
+def test_the_bearer_scheme_is_case_insensitive(mesh: Cluster, mesh_http: httpx.Client) -> None:
+    # RFC 9110 section 11.1: the authentication scheme is case-insensitive, at the edge and at every service.
+    email = unique_email("scheme")
+    _register(mesh_http, email)
+    token = json_login(mesh_http, email).json()["accessToken"]
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        reply = mesh_http.get("/v1/users/me", headers={"authorization": f"{scheme} {token}"})
+        assert reply.status_code == 200, (scheme, reply.text)
+        with grpc.insecure_channel(mesh.servers[0].address) as channel:
+            user = auth_pb2_grpc.AuthServiceStub(channel).GetCurrentUser(
+                auth_pb2.GetCurrentUserRequest(), metadata=(("authorization", f"{scheme} {token}"),), timeout=10
+            )
+        assert user.user.email == email
