@@ -60,14 +60,26 @@ def weak_password(field: str, strength: Strength) -> ServiceError:
     )
 
 
+def _failure_keys(email: str, client_ip: str) -> tuple[str, str]:
+    """The rate-limit keys of an account's failures: overall, and from one address (never the email in clear)."""
+    account = hashlib.sha256(email.encode()).hexdigest()
+    return account, f"{account}:{client_ip}"
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The auth service's rate limits."""
+    """The auth service's rate limits.
+
+    Wrong passwords are counted per account and client address (`source_failures`: a guesser is stopped without
+    locking the owner out from anywhere else) and per account over every address (`account_failures`, high: a
+    distributed guesser is stopped too, after at most NIST's 100). A success resets both.
+    """
 
     register: Limit
     login: Limit
     refresh: Limit
-    login_failures: Limit
+    source_failures: Limit
+    account_failures: Limit
 
 
 class Accounts:
@@ -140,13 +152,13 @@ class Accounts:
         """Check the credentials and start a session. Unknown email and wrong password look the same."""
         email = normalise_email(email)
         require_password(password, "password")
-        account_key = hashlib.sha256(email.encode()).hexdigest()
+        account, source = _failure_keys(email, client_ip)
         limited = await self._within_limit(self._limits.login, client_ip)
-        limited &= await self._within_limit(self._limits.login_failures, account_key, count=False)
+        limited &= await self._within_failure_limits(account, source)
         degraded = {} if limited else {"rate_limit": "unavailable"}
         user = await self._store.user_by_email(email)
         if not await self._hashing.verify(user.password_hash if user else None, password):
-            await self._count_failure(account_key)
+            await self._count_failure(account, source)
             await self._audit.record(
                 "auth.login.failure",
                 success=False,
@@ -163,6 +175,7 @@ class Accounts:
             raise ServiceError(Reason.ACCOUNT_DISABLED, "this account is disabled")
         if self._hashing.needs_rehash(user.password_hash):
             await self._store.update_user(user.id, password_hash=await self._hashing.hash(password))
+        await self._forget_failures(account, source)
         pair = await self.sessions.start(user)
         await self._audit.record(
             "auth.login.success", actor_id=user.id, actor_role=user.role, resource_type="user", resource_id=user.id,
@@ -170,9 +183,19 @@ class Accounts:
         )  # fmt: skip
         return pair, user
 
-    async def _count_failure(self, account_key: str) -> None:
+    async def _within_failure_limits(self, account: str, source: str) -> bool:
+        within = await self._within_limit(self._limits.source_failures, source, count=False)
+        return await self._within_limit(self._limits.account_failures, account, count=False) and within
+
+    async def _count_failure(self, account: str, source: str) -> None:
         with contextlib.suppress(StoreUnavailable):  # an outage was already handled by the check before
-            await self._limiter.hit(self._limits.login_failures, account_key)
+            await self._limiter.hit(self._limits.source_failures, source)
+            await self._limiter.hit(self._limits.account_failures, account)
+
+    async def _forget_failures(self, account: str, source: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._limiter.reset(self._limits.source_failures, source)
+            await self._limiter.reset(self._limits.account_failures, account)
 
     async def refresh(self, refresh_token: str, client_ip: str) -> TokenPair:
         """Rotate a refresh token."""
@@ -205,17 +228,18 @@ class Accounts:
             raise not_found("user", caller.user_id)
         return user
 
-    async def change_password(self, caller: Caller, current: str, new: str) -> datetime:
+    async def change_password(self, caller: Caller, current: str, new: str, client_ip: str) -> datetime:
         """Replace the caller's password after checking the current one; revokes every earlier token."""
         require_password(current, "current_password")
         require_password(new, "new_password")
         user = await self.current_user(caller)
-        account_key = hashlib.sha256(user.email.encode()).hexdigest()
-        await self._within_limit(self._limits.login_failures, account_key, count=False)
+        account, source = _failure_keys(user.email, client_ip)
+        await self._within_failure_limits(account, source)
         if not await self._hashing.verify(user.password_hash, current):
-            await self._count_failure(account_key)
+            await self._count_failure(account, source)
             await self._audit.record("auth.password.change", success=False, failure_reason=Reason.INVALID_CREDENTIALS)
             raise ServiceError(Reason.INVALID_CREDENTIALS, "current password is wrong")
+        await self._forget_failures(account, source)
         if new == current:
             raise invalid("new_password", "must differ from the current password", "UNCHANGED")
         strength = self._strength(new, user.email)

@@ -104,7 +104,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.GetCurrentUserResponse(user=user_message(await self._accounts.current_user(current_caller())))
 
     async def ChangePassword(self, request: auth_pb2.ChangePasswordRequest, context):
-        cutoff = await self._accounts.change_password(current_caller(), request.current_password, request.new_password)
+        cutoff = await self._accounts.change_password(
+            current_caller(), request.current_password, request.new_password, _client_ip()
+        )
         return auth_pb2.ChangePasswordResponse(revoke_time=to_timestamp(cutoff))
 
     async def CheckPasswordStrength(self, request: auth_pb2.CheckPasswordStrengthRequest, context):
@@ -181,7 +183,8 @@ async def build_accounts(
         register=Limit("register", settings.register_per_hour, 3600),
         login=Limit("login", settings.login_per_minute, 60),
         refresh=Limit("refresh", settings.refresh_per_minute, 60),
-        login_failures=Limit("login_failures", settings.login_failures_per_account, 900),
+        source_failures=Limit("login_failures_source", settings.login_failures_per_source, 900),
+        account_failures=Limit("login_failures_account", settings.login_failures_per_account, 900),
     )
     hashing = PasswordHashing(settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism)
     accounts = Accounts(

@@ -34,8 +34,15 @@ class AuthSettings(ServiceSettings):
     register_per_hour: int = Field(5, description="Registrations per client IP per hour.")
     login_per_minute: int = Field(10, description="Login attempts per client IP per minute.")
     refresh_per_minute: int = Field(20, description="Token refreshes per client IP per minute.")
+    login_failures_per_source: int = Field(
+        10,
+        description="Failed logins (or password changes) of one account from one client IP per 15 minutes before "
+        "that address is throttled for that account; the owner elsewhere is not. A success resets the count.",
+    )
     login_failures_per_account: int = Field(
-        10, description="Failed logins per account per 15 minutes before the account is throttled."
+        100,
+        description="Failed logins of one account from every address together per 15 minutes before the account "
+        "itself is throttled (NIST SP 800-63B: at most 100 consecutive failures). A success resets the count.",
     )
 
 

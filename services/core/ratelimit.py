@@ -41,6 +41,9 @@ class RateLimiter(Protocol):
     async def check(self, limit: Limit, key: str) -> Decision:
         """Would one more event fit? Counts nothing. Raises StoreUnavailable."""
 
+    async def reset(self, limit: Limit, key: str) -> None:
+        """Forget the events counted for `key` (e.g. failures before a success). Raises StoreUnavailable."""
+
 
 # KEYS[1] = log key; ARGV = window ms, max events, member, count (1 = record the event, 0 = only check)
 _SLIDING_LOG = """
@@ -84,6 +87,13 @@ class RedisRateLimiter:
     async def check(self, limit: Limit, key: str) -> Decision:
         return await self._run(limit, key, record=False)
 
+    async def reset(self, limit: Limit, key: str) -> None:
+        self._redis.check_available()
+        try:
+            await self._redis.client.delete(self._redis.key("rl", limit.name, key))
+        except REDIS_ERRORS as exc:
+            raise self._redis.mark_down(exc) from exc
+
 
 class MemoryRateLimiter:
     """Sliding logs in process memory (embedded mode)."""
@@ -114,3 +124,6 @@ class MemoryRateLimiter:
 
     async def check(self, limit: Limit, key: str) -> Decision:
         return self._decide(limit, self._log(limit, key))
+
+    async def reset(self, limit: Limit, key: str) -> None:
+        self._logs.pop((limit.name, key), None)

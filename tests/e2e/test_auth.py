@@ -368,3 +368,40 @@ def test_the_bearer_scheme_is_case_insensitive(mesh: Cluster, mesh_http: httpx.C
                 auth_pb2.GetCurrentUserRequest(), metadata=(("authorization", f"{scheme} {token}"),), timeout=10
             )
         assert user.user.email == email
+
+
+def test_wrong_passwords_throttle_the_guesser_not_the_owner(workdir: Path) -> None:
+    # NIST SP 800-63B: throttling that an attacker cannot turn against the owner, at most 100 consecutive failures.
+    # Envoy appends the client's address to x-forwarded-for; calls straight from a trusted proxy address do the same.
+    cluster = Cluster.create(workdir, mesh=True)
+    try:
+        auth = cluster.start("auth")
+        with grpc.insecure_channel(auth.address) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            email = unique_email("bob")
+            stub.Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
+
+            def login(password: str, source: str) -> str:
+                try:
+                    stub.Login(auth_pb2.LoginRequest(email=email, password=password), timeout=30,
+                               metadata=(("x-forwarded-for", source),))  # fmt: skip
+                except grpc.RpcError as error:
+                    return error_reason(error)
+                return "OK"
+
+            attacker, owner = "203.0.113.66", "198.51.100.7"
+            assert [login("wrong-Password-1", attacker) for _ in range(10)] == ["INVALID_CREDENTIALS"] * 10
+            assert login(STRONG_PASSWORD, attacker) == "RATE_LIMITED"  # the guesser's address is stopped
+            assert login(STRONG_PASSWORD, owner) == "OK"  # bob, elsewhere, is not
+
+            # A success resets the count of its address: nine more mistakes are forgiven after it.
+            assert [login("wrong-Password-1", owner) for _ in range(9)] == ["INVALID_CREDENTIALS"] * 9
+            assert login(STRONG_PASSWORD, owner) == "OK"
+            assert login("wrong-Password-1", owner) == "INVALID_CREDENTIALS"
+
+            # A guesser spread over many addresses is stopped after 100 failures in all, wherever bob is.
+            spread = [login("wrong-Password-1", f"192.0.2.{i // 10}") for i in range(99)]
+            assert spread == ["INVALID_CREDENTIALS"] * 99  # with the one above: 100 in a row
+            assert login(STRONG_PASSWORD, "198.51.100.99") == "RATE_LIMITED"
+    finally:
+        cluster.stop()
