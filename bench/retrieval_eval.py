@@ -29,6 +29,8 @@ MODES = {
     "HYBRID": search_pb2.SEARCH_MODE_HYBRID,
 }
 SPECIALTY = "biomedical"
+INGEST_TARGET = 40  # documents/s from the first upload until every document is INDEXED
+P95_TARGET_MS = 20  # HYBRID + filter search p95
 
 
 def ranked_documents(stub, metadata, query: str, mode: int, depth: int = 100) -> list[str]:
@@ -92,6 +94,7 @@ def main() -> None:
             failed = cli.wait_indexed(conn, [a.document_id for a in added if a.document_id and not a.duplicate])
             indexed = time.perf_counter() - started
             to_corpus = {a.document_id: a.key for a in added if a.document_id}
+            admin = create_admin(system, channel)  # a fresh access token: a slow ingest outlives the first (15 min)
             errors = [a for a in added if a.error]
 
             stub = search_pb2_grpc.SearchServiceStub(channel)
@@ -130,15 +133,28 @@ def main() -> None:
             f"{len(corpus):,} abstracts, {len(queries)} test queries; {len(errors)} refused, {len(failed)} failed",
         ),
         ("ingest: uploads accepted", f"{len(corpus) / uploaded:,.1f} documents/s ({uploaded:.0f} s)"),
-        ("ingest: uploaded -> all INDEXED", f"{len(corpus) / indexed:,.1f} documents/s ({indexed:.0f} s)"),
+        (
+            "ingest: uploaded -> all INDEXED",
+            f"{len(corpus) / indexed:,.1f} documents/s ({indexed:.0f} s)",
+            f">= {INGEST_TARGET} documents/s",
+            "met" if len(corpus) / indexed >= INGEST_TARGET else "not met",
+        ),
     ]
     for name, (ndcg, recall) in quality.items():
         rows.append((f"{name:<6} nDCG@10 / Recall@100", f"{ndcg:.3f} / {recall:.3f}"))
     for label, (p50, p95) in latency.items():
         rows.append((f"Search {label} p50 / p95 (gRPC direct, median of {RUNS})", f"{p50:.1f} / {p95:.1f} ms"))
+    p95 = latency["HYBRID + filter"][1]
+    rows.append(
+        (
+            "Search HYBRID + filter p95",
+            f"{p95:.1f} ms",
+            f"<= {P95_TARGET_MS} ms",
+            "met" if p95 <= P95_TARGET_MS else "not met",
+        )
+    )
     table(
-        "search retrieval on SciFact (embedded mode, 2 shared cores; targets: HYBRID nDCG@10 >= 0.70, "
-        "HYBRID + filter p95 <= 20 ms)",
+        "search retrieval on SciFact (embedded mode, 2 shared cores; target: HYBRID nDCG@10 >= 0.70)",
         rows,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import qdrant_edge as qe
@@ -98,12 +99,16 @@ class EdgeIndex:
         records = await asyncio.to_thread(self.shard.retrieve, list(ids), False, False)
         return {str(r.id) for r in records}
 
-    async def publish(self, document_id: str, version: str) -> None:
-        this = qe.FieldCondition("version", match=qe.MatchValue(version))
-        others = qe.Filter(must=[_is_document(document_id)], must_not=[this])
-        await asyncio.to_thread(self.shard.update, qe.UpdateOperation.delete_points_by_filter(others))
-        ready = qe.UpdateOperation.set_payload_by_filter(qe.Filter(must=[this]), {"state": READY})
-        await asyncio.to_thread(self.shard.update, ready)
+    async def publish(self, versions: Mapping[str, str]) -> None:
+        these = qe.FieldCondition("version", match=qe.MatchAny(list(versions.values())))
+        documents = qe.FieldCondition("document_id", match=qe.MatchAny(list(versions)))
+        others = qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=[documents], must_not=[these]))
+        ready = qe.UpdateOperation.set_payload_by_filter(qe.Filter(must=[these]), {"state": READY})
+        await asyncio.to_thread(self._apply, others, ready)
+
+    def _apply(self, *operations: qe.UpdateOperation) -> None:
+        for operation in operations:
+            self.shard.update(operation)
 
     async def delete_document(self, document_id: str) -> None:
         everything = qe.Filter(must=[_is_document(document_id)])
@@ -140,7 +145,8 @@ class EdgeIndex:
         return await asyncio.to_thread(self.shard.count, qe.CountRequest(exact=True))
 
     async def maintain(self) -> None:
-        """Build the HNSW graph and merge segments once enough points arrived since the last time."""
+        """Build the HNSW graph and merge segments once enough points arrived since the last time. The engine holds
+        the GIL meanwhile (the whole process pauses), so the workers call this only when indexing is quiet."""
         if self._unoptimized < OPTIMIZE_AFTER_POINTS or self._maintenance.locked():
             return
         async with self._maintenance:

@@ -9,6 +9,7 @@ searchable only when its document is published (payload `state`), so a half-inde
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -112,8 +113,9 @@ class VectorIndex(Protocol):
     async def existing(self, ids: list[str]) -> set[str]:
         """Which of these point ids are stored."""
 
-    async def publish(self, document_id: str, version: str) -> None:
-        """Make the document's chunks of `version` searchable and drop its chunks of every other version."""
+    async def publish(self, versions: Mapping[str, str]) -> None:
+        """For each {document id: version}: make the document's chunks of that version searchable and drop its
+        chunks of every other version."""
 
     async def delete_document(self, document_id: str) -> None:
         """Remove every chunk of the document."""

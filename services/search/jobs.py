@@ -43,14 +43,14 @@ class JobQueue(Protocol):
     async def put(self, job: Job) -> None:
         """Add a job; QueueFull when no more fit."""
 
-    async def take(self) -> Job:
-        """The next job (waits for one)."""
+    async def take(self, limit: int = 1) -> list[Job]:
+        """The next jobs: waits for one, then adds those already waiting, up to `limit` in all."""
 
-    async def renew(self, job: Job) -> None:
-        """Tell the queue the job's worker is alive."""
+    async def renew(self, *jobs: Job) -> None:
+        """Tell the queue the jobs' worker is alive."""
 
-    async def done(self, job: Job) -> None:
-        """Remove a finished job."""
+    async def done(self, *jobs: Job) -> None:
+        """Remove finished jobs."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -68,13 +68,16 @@ class MemoryJobQueue:
         except asyncio.QueueFull:
             raise QueueFull from None
 
-    async def take(self) -> Job:
-        return await self._queue.get()
+    async def take(self, limit: int = 1) -> list[Job]:
+        jobs = [await self._queue.get()]
+        while len(jobs) < limit and not self._queue.empty():
+            jobs.append(self._queue.get_nowait())
+        return jobs
 
-    async def renew(self, job: Job) -> None:
-        """Nothing to renew: the job dies with the process and is rebuilt from the database."""
+    async def renew(self, *jobs: Job) -> None:
+        """Nothing to renew: the jobs die with the process and are rebuilt from the database."""
 
-    async def done(self, job: Job) -> None:
+    async def done(self, *jobs: Job) -> None:
         """Already removed by take()."""
 
     async def close(self) -> None:
@@ -107,40 +110,50 @@ class RedisJobQueue:
         fields = {"document_id": job.document_id, "generation": str(job.generation), "attempt": str(job.attempt)}
         await self._redis.xadd(self._key, fields)
 
-    async def take(self) -> Job:
+    async def take(self, limit: int = 1) -> list[Job]:
         await self._ensure_group()
         while True:
             # First, jobs whose worker stopped renewing its claim (a crashed process): resume them.
             _cursor, claimed, *_ = await self._redis.xautoclaim(
-                self._key, GROUP, self._consumer, self._claim_idle_ms, start_id="0-0", count=1
+                self._key, GROUP, self._consumer, self._claim_idle_ms, start_id="0-0", count=limit
             )
             entries = [entry for entry in claimed if entry and entry[1]]
-            deliveries = 1
+            deliveries: dict[str, int] = {}
             if entries:
-                pending = await self._redis.xpending_range(self._key, GROUP, entries[0][0], entries[0][0], 1)
-                deliveries = int(pending[0]["times_delivered"]) if pending else 1
+                for entry_id, _fields in entries:  # rare (a worker died): one look-up per entry is fine
+                    pending = await self._redis.xpending_range(self._key, GROUP, entry_id, entry_id, 1)
+                    deliveries[_text(entry_id)] = int(pending[0]["times_delivered"]) if pending else 1
             else:
                 reply = await self._redis.xreadgroup(
-                    GROUP, self._consumer, {self._key: ">"}, count=1, block=self._block_ms
+                    GROUP, self._consumer, {self._key: ">"}, count=limit, block=self._block_ms
                 )
                 entries = [entry for _stream, items in reply or [] for entry in items]
             if entries:
-                entry_id, fields = entries[0]
-                return Job(
-                    fields[b"document_id"].decode(),
-                    int(fields[b"generation"]),
-                    int(fields.get(b"attempt", b"1")),
-                    entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-                    deliveries,
-                )
+                return [
+                    Job(
+                        fields[b"document_id"].decode(),
+                        int(fields[b"generation"]),
+                        int(fields.get(b"attempt", b"1")),
+                        _text(entry_id),
+                        deliveries.get(_text(entry_id), 1),
+                    )
+                    for entry_id, fields in entries
+                ]
 
-    async def renew(self, job: Job) -> None:
-        # XCLAIM by the owner resets the entry's idle time, so nobody takes it over while work goes on.
-        await self._redis.xclaim(self._key, GROUP, self._consumer, 0, [job.receipt], justid=True)
+    async def renew(self, *jobs: Job) -> None:
+        # XCLAIM by the owner resets the entries' idle time, so nobody takes them over while work goes on.
+        if jobs:
+            await self._redis.xclaim(self._key, GROUP, self._consumer, 0, [j.receipt for j in jobs], justid=True)
 
-    async def done(self, job: Job) -> None:
-        await self._redis.xack(self._key, GROUP, job.receipt)
-        await self._redis.xdel(self._key, job.receipt)
+    async def done(self, *jobs: Job) -> None:
+        if jobs:
+            receipts = [j.receipt for j in jobs]
+            await self._redis.xack(self._key, GROUP, *receipts)
+            await self._redis.xdel(self._key, *receipts)
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -262,11 +262,14 @@ async def build(runtime: Runtime) -> Hosted:
     board = ProgressBoard()
     limits = PipelineLimits(
         settings.max_pages, settings.max_chunks, settings.chunk_max_tokens, settings.chunk_overlap_tokens,
-        settings.embed_batch_size,
+        settings.index_batch_chunks, settings.index_batch_bytes,
     )  # fmt: skip
     indexer = Indexer(store, index, embedder, encoder, limits, board)
     renew = settings.job_claim_idle_seconds / 4
-    workers = IndexingWorkers(indexer, queue, index, store, settings.index_workers, renew)
+    workers = IndexingWorkers(
+        indexer, queue, index, store, settings.index_workers, renew, settings.index_batch_documents,
+        settings.index_maintain_quiet_seconds,
+    )  # fmt: skip
     kb = KnowledgeBase(
         store, index, queue, board, runtime.audit("search"), watch_poll_seconds=settings.watch_poll_seconds
     )

@@ -6,6 +6,8 @@ the same calls in-process, which is how this adapter is tested here: no Qdrant s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from qdrant_client import AsyncQdrantClient
 from qdrant_client import models as qm
 
@@ -68,11 +70,12 @@ class ServerIndex:
         records = await self._client.retrieve(self._collection, ids, with_payload=False, with_vectors=False)
         return {str(r.id) for r in records}
 
-    async def publish(self, document_id: str, version: str) -> None:
-        this = qm.FieldCondition(key="version", match=qm.MatchValue(value=version))
-        others = qm.Filter(must=[_is_document(document_id)], must_not=[this])
+    async def publish(self, versions: Mapping[str, str]) -> None:
+        these = qm.FieldCondition(key="version", match=qm.MatchAny(any=list(versions.values())))
+        documents = qm.FieldCondition(key="document_id", match=qm.MatchAny(any=list(versions)))
+        others = qm.Filter(must=[documents], must_not=[these])
         await self._client.delete(self._collection, qm.FilterSelector(filter=others), wait=True)
-        await self._client.set_payload(self._collection, {"state": READY}, points=qm.Filter(must=[this]), wait=True)
+        await self._client.set_payload(self._collection, {"state": READY}, points=qm.Filter(must=[these]), wait=True)
 
     async def delete_document(self, document_id: str) -> None:
         everything = qm.Filter(must=[_is_document(document_id)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -131,11 +132,23 @@ class SearchStore:
         async with self.db.session() as s:
             return await s.get(DocumentRow, document_id)
 
+    async def get_many(self, document_ids: Collection[str]) -> dict[str, DocumentRow]:
+        """The documents with these ids, by id (missing ones left out)."""
+        async with self.db.session() as s:
+            rows = await s.scalars(select(DocumentRow).where(DocumentRow.id.in_(list(document_ids))))
+            return {row.id: row for row in rows}
+
     async def content(self, document_id: str) -> bytes | None:
         """The document's original bytes."""
+        return (await self.contents([document_id])).get(document_id)
+
+    async def contents(self, document_ids: Collection[str]) -> dict[str, bytes]:
+        """The original bytes of these documents, by id (deleted ones left out)."""
         async with self.db.session() as s:
-            row = await s.get(ContentRow, document_id)
-            return row.data if row is not None else None
+            rows = await s.execute(
+                select(ContentRow.document_id, ContentRow.data).where(ContentRow.document_id.in_(list(document_ids)))
+            )
+            return {r.document_id: r.data for r in rows}
 
     async def delete(self, document_id: str) -> bool:
         """Remove a document and its bytes; False when it did not exist."""
@@ -161,13 +174,23 @@ class SearchStore:
     async def advance(self, document_id: str, generation: int, **values: object) -> bool:
         """Set columns of the document while it is still at `generation`; False when it was deleted or
         restarted meanwhile (the caller's job is stale)."""
+        return bool(await self.advance_many({(document_id, generation): values}))
+
+    async def advance_many(self, changes: Mapping[tuple[str, int], Mapping[str, object]]) -> set[str]:
+        """`advance` for several documents ({(id, generation): columns}) in one transaction; the ids still at
+        their generation (the others are stale)."""
+        current: set[str] = set()
+        now = utcnow()
         async with self.db.session() as s, s.begin():
-            result = await s.execute(
-                sql_update(DocumentRow)
-                .where(DocumentRow.id == document_id, DocumentRow.generation == generation)
-                .values(**values, updated_at=utcnow())
-            )
-            return result.rowcount == 1
+            for (document_id, generation), values in changes.items():
+                result = await s.execute(
+                    sql_update(DocumentRow)
+                    .where(DocumentRow.id == document_id, DocumentRow.generation == generation)
+                    .values(**values, updated_at=now)
+                )
+                if result.rowcount == 1:
+                    current.add(document_id)
+        return current
 
     async def unfinished(self) -> list[tuple[str, int]]:
         """(id, generation) of every document still waiting for or inside the pipeline."""

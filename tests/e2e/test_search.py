@@ -340,7 +340,13 @@ def test_search_pages_without_repeating_results(
 def test_mesh_indexing_resumes_after_a_worker_is_killed_mid_document(tmp_path) -> None:
     """PostgreSQL + Redis stream: SIGKILL the only search process halfway through a document; a new process takes
     the job over and finishes it without re-embedding the chunks already stored."""
-    cluster = Cluster.create(tmp_path, mesh=True, SEARCH_EMBED_BATCH_SIZE="2", SEARCH_JOB_CLAIM_IDLE_SECONDS="2")
+    cluster = Cluster.create(
+        tmp_path,
+        mesh=True,
+        SEARCH_EMBED_BATCH_SIZE="2",
+        SEARCH_INDEX_BATCH_CHUNKS="2",
+        SEARCH_JOB_CLAIM_IDLE_SECONDS="2",
+    )
     ports = {"auth": free_port(), "search": free_port()}
     for name, port in ports.items():
         cluster.env[f"{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
@@ -374,6 +380,47 @@ def test_mesh_indexing_resumes_after_a_worker_is_killed_mid_document(tmp_path) -
             assert all(u.chunks_done > 0 for u in updates)
             hits = stub.Search(S.SearchRequest(query=f"renal dosing {word}", limit=50), metadata=admin.metadata)
             assert len({r.chunk_id for r in hits.results}) == min(50, final.chunks_total)
+    finally:
+        cluster.stop()
+        drop_schemas(cluster.env["DATABASE_SCHEMA_PREFIX"], ["auth", "search"])
+
+
+@pytest.mark.mesh
+def test_mesh_a_batch_with_a_broken_document_indexes_the_others(tmp_path) -> None:
+    """Documents queued while no worker runs are taken as one batch and their chunks embedded together; the broken
+    PDF among them ends FAILED alone, every other document INDEXED with all its chunks."""
+    cluster = Cluster.create(tmp_path, mesh=True)
+    ports = {"auth": free_port(), "search": free_port()}
+    for name, port in ports.items():
+        cluster.env[f"{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+    try:
+        auth = cluster.start("auth", port=ports["auth"])
+        with grpc.insecure_channel(auth.address) as auth_channel:
+            admin = create_admin(cluster, auth_channel)
+        word = marker()
+        texts = [
+            f"Note {n} on {word}. " + " ".join(f"Dose {i} of drug {n}." for i in range(1 + 60 * n)) for n in range(5)
+        ]
+        idle = cluster.start("search", port=ports["search"], SEARCH_INDEX_WORKERS="0")  # queues jobs, indexes none
+        with grpc.insecure_channel(idle.address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            good = [upload(stub, admin, S.DocumentMetadata(file_name="n.txt"), t.encode(), 4096).id for t in texts]
+            bad_pdf = b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 9 0 R >> endobj\nxref\ngarbage" + word.encode()
+            broken = upload(stub, admin, S.DocumentMetadata(file_name="bad.pdf"), bad_pdf, 1 << 20)
+            waiting = stub.GetDocument(S.GetDocumentRequest(document_id=good[0]), metadata=admin.metadata)
+            assert waiting.document.status == S.DOCUMENT_STATUS_PENDING
+        idle.stop()
+        worker = cluster.start("search", port=free_port())
+        with grpc.insecure_channel(worker.address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            failed = watch(stub, admin, broken.id)[-1].document
+            assert failed.status == S.DOCUMENT_STATUS_FAILED and "damaged" in failed.error
+            for document_id in good:
+                final = watch(stub, admin, document_id)[-1]
+                assert final.document.status == S.DOCUMENT_STATUS_INDEXED, final.document.error
+                assert final.chunks_done == final.chunks_total == final.document.chunk_count > 0
+            hits = stub.Search(S.SearchRequest(query=f"note {word}", limit=50), metadata=admin.metadata).results
+            assert {r.document_id for r in hits} == set(good)
     finally:
         cluster.stop()
         drop_schemas(cluster.env["DATABASE_SCHEMA_PREFIX"], ["auth", "search"])

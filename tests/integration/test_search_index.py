@@ -72,7 +72,7 @@ async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await store.open()
     for n, document_id in enumerate(DOCS):
         await store.upsert(points(document_id, first_axis=2 * n))
-        await store.publish(document_id, version_of(document_id, 1))
+        await store.publish({document_id: version_of(document_id, 1)})
     yield store
     await store.close()
 
@@ -129,7 +129,7 @@ async def test_unpublished_chunks_are_invisible_and_a_new_version_replaces_the_o
     assert await index.existing([p.id for p in new] + [point_id("doc-cardio:9", 0)]) == {p.id for p in new}
     hits = await index.search(query(Mode.DENSE, dense_axis=10))
     assert all(h.payload["version"] == "doc-cardio:1" for h in hits if h.payload["document_id"] == "doc-cardio")
-    await index.publish("doc-cardio", version_of("doc-cardio", 2))
+    await index.publish({"doc-cardio": version_of("doc-cardio", 2)})
     hits = await index.search(query(Mode.DENSE, dense_axis=10))
     assert hits[0].id == new[0].id
     assert {h.payload["version"] for h in hits if h.payload["document_id"] == "doc-cardio"} == {"doc-cardio:2"}
@@ -151,7 +151,7 @@ async def test_embedded_index_survives_a_restart_and_refuses_a_second_process(tm
     first = EdgeIndex(tmp_path / "shard")
     await first.open()
     await first.upsert(points("doc-neuro"))
-    await first.publish("doc-neuro", version_of("doc-neuro", 1))
+    await first.publish({"doc-neuro": version_of("doc-neuro", 1)})
     with pytest.raises(IndexLocked):
         await EdgeIndex(tmp_path / "shard").open()
     await first.close()
