@@ -159,15 +159,17 @@ class EspeakSynthesizer:
     async def _run(self, args: list[str], stdin: bytes) -> bytes:
         async with self._slots:
             try:
+                # No input, no pipe: a process that exits before its stdin is written to would make uvloop refuse
+                # the write with RuntimeError (asyncio's own loop ignores it).
                 process = await asyncio.create_subprocess_exec(
-                    *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
+                    *args, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 )  # fmt: skip
             except OSError as exc:
                 raise SynthesisFailed(f"cannot run {args[0]}: {exc.strerror}") from None
             try:
                 async with asyncio.timeout(self._timeout):
-                    out, err = await process.communicate(stdin)
+                    out, err = await process.communicate(stdin or None)
             except BaseException:  # timeout or cancellation (barge-in): never leave the process behind
                 if process.returncode is None:
                     process.kill()

@@ -172,6 +172,10 @@ def test_request_id_is_echoed_and_failed_calls_are_logged(embedded: Cluster, emb
         stub.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=(("x-request-id", failed_id),), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert ("x-request-id", failed_id) in tuple(caught.value.trailing_metadata())
+    deadline = time.monotonic() + 10  # the line is written once the status is out, so it may trail the reply
+    while failed_id not in embedded.servers[0].log_text():
+        assert time.monotonic() < deadline, "the failed call is not in the service's log"
+        time.sleep(0.1)
     line = next(json.loads(x) for x in embedded.servers[0].log_text().splitlines() if failed_id in x)
     assert (line["message"], line["code"], line["method"]) == (
         "rpc", "UNAUTHENTICATED", "/voiceassist.auth.v1.AuthService/GetCurrentUser"
