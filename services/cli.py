@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import click
 import uvloop
@@ -285,6 +286,24 @@ def users() -> None:
     """Manage accounts directly in the auth database."""
 
 
+def _with_accounts(use: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `use(accounts)` against the auth database of these settings (the auth server need not run)."""
+
+    async def run() -> Any:
+        runtime = Runtime(core_settings(), hosted=(), self_address="")
+        accounts, _keys, db = await importlib.import_module(SERVERS["auth"]).build_accounts(runtime)
+        try:
+            return await use(accounts)
+        finally:
+            await db.close()
+            await runtime.close()
+
+    try:
+        return asyncio.run(run())
+    except ServiceError as exc:
+        raise click.ClickException(f"{exc.reason}: {exc.message}") from None
+
+
 @users.command("create-admin")
 @click.argument("email")
 @click.option(
@@ -297,21 +316,17 @@ def users() -> None:
 )
 @click.option("--full-name", default="", help="Display name.")
 def create_admin_command(email: str, password: str, full_name: str) -> None:
-    """Create the first admin, or promote an existing account to admin."""
+    """Create an admin account (an existing account: `users promote`)."""
+    user = _with_accounts(lambda accounts: accounts.create_admin(email, password, full_name))
+    click.echo(f"admin {email} ready (id {user.id})")
 
-    async def run() -> str:
-        runtime = Runtime(core_settings(), hosted=(), self_address="")
-        accounts, _keys, db = await importlib.import_module(SERVERS["auth"]).build_accounts(runtime)
-        try:
-            return (await accounts.create_admin(email, password, full_name)).id
-        finally:
-            await db.close()
-            await runtime.close()
 
-    try:
-        click.echo(f"admin {email} ready (id {asyncio.run(run())})")
-    except ServiceError as exc:
-        raise click.ClickException(f"{exc.reason}: {exc.message}") from None
+@users.command("promote")
+@click.argument("email")
+def promote_command(email: str) -> None:
+    """Make an existing account an active admin; its password stays as it is."""
+    user = _with_accounts(lambda accounts: accounts.promote_admin(email))
+    click.echo(f"{email} is an admin now (id {user.id})")
 
 
 def _print_urls(settings: CoreSettings, mesh: bool) -> None:

@@ -9,7 +9,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.auth.passwords import MAX_LENGTH, PasswordHashing, Strength, check_strength
+from services.auth.passwords import BLOCKING, MAX_LENGTH, PasswordHashing, Strength, check_strength
 from services.auth.sessions import Sessions, TokenPair
 from services.auth.store import AuthStore, EmailTaken, UserPage, UserRow
 from services.core.audit_client import AuditClient
@@ -50,10 +50,14 @@ def require_password(password: str, field: str) -> None:
 
 
 def weak_password(field: str, strength: Strength) -> ServiceError:
-    """WEAK_PASSWORD with one BadRequest violation per problem."""
+    """WEAK_PASSWORD with one BadRequest violation per problem; the message names what refused it (a score that
+    is high enough does not help a password that contains the email)."""
+    blocking = [p.description for p in strength.problems if p.code in BLOCKING]
+    low = strength.score < strength.min_score
+    reasons = [*blocking, *([f"too weak (score {strength.score}, need {strength.min_score})"] if low else [])]
     return ServiceError(
         Reason.WEAK_PASSWORD,
-        f"password too weak (score {strength.score}, need {strength.min_score})",
+        "password refused: " + "; ".join(reasons),
         violations=[FieldViolation(field, p.description, p.code) for p in strength.problems]
         or [FieldViolation(field, f"score {strength.score} is below {strength.min_score}", "LOW_SCORE")],
         metadata={"score": str(strength.score)},
@@ -291,21 +295,32 @@ class Accounts:
         return updated
 
     async def create_admin(self, email: str, password: str, full_name: str = "") -> UserRow:
-        """Bootstrap: create an admin account, or promote an existing one (CLI only)."""
+        """Bootstrap: create an admin account (CLI only). EMAIL_TAKEN when the account exists: `promote_admin`."""
         email = normalise_email(email)
-        existing = await self._store.user_by_email(email)
-        if existing is not None:
-            user = await self._store.update_user(existing.id, role="admin", active=True)
-            assert user is not None
-        else:
-            require_password(password, "password")
-            strength = self._strength(password, email)
-            if not strength.acceptable:
-                raise weak_password("password", strength)
-            user = await self._store.create_user(
-                email, clean_name(full_name), await self._hashing.hash(password), "admin"
-            )
+        require_password(password, "password")
+        strength = self._strength(password, email)
+        if not strength.acceptable:
+            raise weak_password("password", strength)
+        try:
+            password_hash = await self._hashing.hash(password)
+            user = await self._store.create_user(email, clean_name(full_name), password_hash, "admin")
+        except EmailTaken:
+            raise ServiceError(
+                Reason.EMAIL_TAKEN, "an account with this email exists (`voiceassist users promote` makes it an admin)"
+            ) from None
         await self._audit.record(
             "auth.user.create_admin", actor_id="cli", actor_role="service", resource_type="user", resource_id=user.id
         )
+        return user
+
+    async def promote_admin(self, email: str) -> UserRow:
+        """Make an existing account an active admin, its password unchanged (CLI only); NOT_FOUND otherwise."""
+        existing = await self._store.user_by_email(normalise_email(email))
+        user = await self._store.update_user(existing.id, role="admin", active=True) if existing else None
+        if user is None:
+            raise not_found("user", email)
+        await self._audit.record(
+            "auth.user.promote_admin", actor_id="cli", actor_role="service", resource_type="user", resource_id=user.id,
+            metadata={"previous_role": existing.role, "was_active": str(existing.active).lower()},
+        )  # fmt: skip
         return user
