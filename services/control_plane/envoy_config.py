@@ -41,12 +41,14 @@ _LOCAL_REPLIES = {
     404: (5, "NOT_FOUND"),
     413: (8, "PAYLOAD_TOO_LARGE"),
     429: (8, "RATE_LIMITED"),
+    431: (8, "HEADERS_TOO_LARGE"),
     503: (14, "BACKEND_UNAVAILABLE"),
     504: (4, "DEADLINE_EXCEEDED"),
 }
 
 
 Address = tuple[str, int]
+MAX_REQUEST_HEADERS_KB = 8
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class EnvoyTarget:
     jwt_issuer: str = "voiceassist-auth"
     jwt_audience: str = "voiceassist"
     jwt_leeway_seconds: int = 30
+    max_request_bytes: int = 8 * 1024 * 1024  # a JSON body beyond: 413 at the edge (the services' gRPC limit)
 
 
 def _from_settings(settings: CoreSettings) -> dict[str, Any]:
@@ -79,6 +82,7 @@ def _from_settings(settings: CoreSettings) -> dict[str, Any]:
         "jwt_issuer": settings.jwt_issuer,
         "jwt_audience": settings.jwt_audience,
         "jwt_leeway_seconds": settings.jwt_leeway_seconds,
+        "max_request_bytes": settings.grpc_max_message_bytes,
     }
 
 
@@ -149,8 +153,12 @@ def methods(descriptor: bytes | None = None) -> list[Method]:
     return sorted(found, key=lambda m: m.path)
 
 
-def _local_reply_config() -> dict[str, Any]:
-    def body(code: int, reason: str) -> dict[str, Any]:
+def _local_reply_config(target: EnvoyTarget) -> dict[str, Any]:
+    # The limit a refused request went past, named in its error.
+    limits = {413: f"{target.max_request_bytes} bytes of body", 431: f"{MAX_REQUEST_HEADERS_KB} KiB of headers"}
+
+    def body(status: int, code: int, reason: str) -> dict[str, Any]:
+        metadata = {"request_id": "%REQ(X-REQUEST-ID)%", "response_flags": "%RESPONSE_FLAGS%"}
         return {
             "json_format": {
                 "code": code,
@@ -160,7 +168,7 @@ def _local_reply_config() -> dict[str, Any]:
                         "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                         "reason": reason,
                         "domain": "envoy.voiceassist",
-                        "metadata": {"request_id": "%REQ(X-REQUEST-ID)%", "response_flags": "%RESPONSE_FLAGS%"},
+                        "metadata": metadata | ({"limit": limits[status]} if status in limits else {}),
                     }
                 ],
             },
@@ -197,7 +205,7 @@ def _local_reply_config() -> dict[str, Any]:
                     ]
                 }
             },
-            "body_format_override": body(code, reason),
+            "body_format_override": body(status, code, reason),
         }
         for status, (code, reason) in _LOCAL_REPLIES.items()
     ]
@@ -384,23 +392,36 @@ def service_cluster(spec: registry.ServiceSpec, endpoints: list[Address] | None)
 JWKS_CLUSTER = "jwks_via_envoy"
 
 
-# RFC 9110 makes the authentication scheme case-insensitive, and jwt_authn only finds a token after "Bearer " spelled
-# so: any other spelling of the scheme is rewritten before it looks (the services accept any spelling themselves).
-_BEARER_SCHEME = {
-    "name": "envoy.filters.http.lua",
-    "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {
-            "inline_string": """function envoy_on_request(handle)
-  local value = handle:headers():get("authorization")
+def _edge_checks(target: EnvoyTarget) -> dict[str, Any]:
+    """Checks before the transcoder and jwt_authn, in one small Lua filter:
+
+    - A JSON body larger than the services' gRPC message limit is refused with 413 (the local reply names the
+      limit). The transcoder's own limit holds only when it buffers a body, which depends on how the body arrives;
+      past it, the transcoded message reached the service and came back RESOURCE_EXHAUSTED, shown as 429.
+    - RFC 9110 makes the authentication scheme case-insensitive, and jwt_authn only finds a token after "Bearer "
+      spelled so: any other spelling is rewritten (the services accept any spelling themselves).
+    """
+    script = f"""function envoy_on_request(handle)
+  local headers = handle:headers()
+  local length = tonumber(headers:get("content-length") or "0") or 0
+  local grpc = string.sub(headers:get("content-type") or "", 1, 16) == "application/grpc"
+  if length > {target.max_request_bytes} and not grpc then
+    handle:respond({{[":status"] = "413"}}, "request body larger than {target.max_request_bytes} bytes")
+    return
+  end
+  local value = headers:get("authorization")
   if value ~= nil and string.sub(value, 1, 7) ~= "Bearer " and string.lower(string.sub(value, 1, 7)) == "bearer " then
-    handle:headers():replace("authorization", "Bearer " .. string.sub(value, 8))
+    headers:replace("authorization", "Bearer " .. string.sub(value, 8))
   end
 end
 """
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": script},
         },
-    },
-}
+    }
 
 
 def _jwt_authn(target: EnvoyTarget) -> dict[str, Any]:
@@ -461,7 +482,9 @@ def _transcoder_config(target: EnvoyTarget) -> dict[str, Any]:
         "convert_grpc_status": True,
         "print_options": {"always_print_primitive_fields": True, "always_print_enums_as_ints": False},
         "request_validation_options": {"reject_unknown_method": True, "reject_unknown_query_parameters": True},
-        "max_request_body_size": 8 * 1024 * 1024,
+        # A bigger JSON body is refused with 413 here; once transcoded it would reach the service as a message over
+        # its gRPC limit and come back RESOURCE_EXHAUSTED, which the transcoder turns into 429 "rate limited".
+        "max_request_body_size": target.max_request_bytes,
         "max_response_body_size": 16 * 1024 * 1024,
     }
 
@@ -507,7 +530,10 @@ def listener(target: EnvoyTarget) -> dict[str, Any]:
         "request_timeout": "0s",
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "access_log": _access_log(target.access_log_path),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(target),
+        # Larger headers (a 10 KB path, say) are refused here with 431, not passed on to a service whose gRPC
+        # metadata limit (16 KiB, services/core/server.py) would answer RESOURCE_EXHAUSTED with its internals.
+        "max_request_headers_kb": MAX_REQUEST_HEADERS_KB,
         **routes,
         "http_filters": [
             {
@@ -518,8 +544,8 @@ def listener(target: EnvoyTarget) -> dict[str, Any]:
                 "name": "envoy.filters.http.grpc_web",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"},
             },
+            _edge_checks(target),  # before the transcoder, which rewrites the JSON request into a gRPC one
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _transcoder_config(target)},
-            _BEARER_SCHEME,
             _jwt_authn(target),
             {
                 "name": "envoy.filters.http.router",

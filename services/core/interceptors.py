@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -90,7 +90,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 break
         else:  # pragma: no cover - grpc always sets one
             return handler
-        call = _Call(self, method)
+        call = _Call(self, method, streaming_requests=kind.startswith("stream_"))
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -122,9 +124,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """What the interceptor knows of one method, fixed when its handler is first wrapped."""
 
-    def __init__(self, owner: CallInterceptor, method: str) -> None:
+    def __init__(self, owner: CallInterceptor, method: str, *, streaming_requests: bool) -> None:
         self.owner = owner
         self.method = method
+        self.streaming_requests = streaming_requests
         self.public = registry.is_public_method(method)
         self.quiet = method.startswith(_QUIET_PREFIXES)
         self.domain = owner._domain_of(method)
@@ -171,7 +174,7 @@ class _Call:
         try:
             context.set_trailing_metadata(((_REQUEST_ID, info.request_id),))
             await self._authenticate(info, token)
-            result = await behavior(request, context)
+            result = await behavior(self._checked(request), context)
             failed = False
             return result
         except grpc.aio.AbortError:
@@ -192,7 +195,7 @@ class _Call:
         try:
             context.set_trailing_metadata(((_REQUEST_ID, info.request_id),))
             await self._authenticate(info, token)
-            async for item in behavior(request, context):
+            async for item in behavior(self._checked(request), context):
                 yield item
             failed = False
         except grpc.aio.AbortError:
@@ -202,6 +205,14 @@ class _Call:
         finally:
             self.in_flight.dec()
             self._finish(context, started, failed)
+
+    def _checked(self, request: Any) -> Any:
+        """The request, or for a stream of requests the stream, refusing a message that did not parse."""
+        if self.streaming_requests:
+            return _parsed(request)
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        return request
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """Answer with the error's rich status; anything unexpected is INTERNAL, with the request id only (the
@@ -241,6 +252,40 @@ class _Call:
                 "user_id": info.caller.user_id if info and info.caller else "",
             },
         )
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that did not parse (a corrupt wire format, a string field that is not UTF-8). grpc would
+    answer UNKNOWN and log a traceback; the handler's wrapper answers INVALID_ARGUMENT instead."""
+
+    message_type: str
+
+    def error(self) -> ServiceError:
+        return ServiceError(
+            Reason.VALIDATION_ERROR,
+            f"the request is not a valid {self.message_type} (a corrupt message, or a string that is not UTF-8)",
+        )
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError; its text is not for clients
+            return _Undecodable(name)
+
+    return parse
+
+
+async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in requests:
+        if isinstance(message, _Undecodable):
+            raise message.error()
+        yield message
 
 
 def _peer_ip(peer: str | None) -> str:

@@ -86,6 +86,8 @@ def server_options(settings: CoreSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        # Envoy refuses more than 8 KiB of request headers (431); this leaves room for what it adds.
+        ("grpc.max_metadata_size", 16 * 1024),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.keepalive_time_ms", settings.grpc_keepalive_seconds * 1000),
         ("grpc.keepalive_timeout_ms", 10_000),

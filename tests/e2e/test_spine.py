@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core import registry
-from tests.support.clients import STRONG_PASSWORD, json_reason, unique_email
+from tests.support.clients import STRONG_PASSWORD, error_reason, json_reason, unique_email
 from tests.support.mesh import Cluster, free_port
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -152,10 +152,28 @@ def test_oversized_message_is_resource_exhausted(embedded_channel: grpc.Channel)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_oversized_json_body_is_resource_exhausted_json(edge_http: httpx.Client) -> None:
-    reply = edge_http.post("/v1/auth:checkPasswordStrength", json={"password": "x" * (9 * 1024 * 1024)})
-    assert reply.status_code in (413, 429)
-    assert reply.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+@pytest.mark.parametrize(("path", "field"), [("/v1/auth:checkPasswordStrength", "password"), ("/v1/search", "query")])
+def test_an_oversized_json_body_is_413_naming_the_limit(edge_http: httpx.Client, path: str, field: str) -> None:
+    # It was 429 "rate limited": the service's gRPC limit refused the transcoded message as RESOURCE_EXHAUSTED.
+    email = unique_email()
+    edge_http.post("/v1/auth:register", json={"email": email, "password": STRONG_PASSWORD})
+    token = edge_http.post("/v1/auth:login", json={"email": email, "password": STRONG_PASSWORD}).json()["accessToken"]
+    reply = edge_http.post(path, json={field: "x" * (10 * 1024 * 1024)}, headers={"authorization": f"Bearer {token}"})
+    assert reply.status_code == 413, reply.text[:300]
+    body = reply.json()
+    assert body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert body["details"][0]["reason"] == "PAYLOAD_TOO_LARGE"
+    assert body["details"][0]["metadata"]["limit"] == f"{8 * 1024 * 1024} bytes of body"
+
+
+def test_oversized_headers_are_431_without_internals(edge_http: httpx.Client) -> None:
+    # A 10 KB path reached the service, whose metadata limit answered 429 with a dump of header names and sizes.
+    reply = edge_http.get("/v1/documents/" + "a" * 10_000)
+    assert reply.status_code == 431, reply.text[:300]
+    body = reply.json()
+    assert body["details"][0]["reason"] == "HEADERS_TOO_LARGE"
+    assert body["details"][0]["metadata"]["limit"] == "8 KiB of headers"
+    assert "x-forwarded" not in reply.text and "x-envoy" not in reply.text
 
 
 def test_request_id_is_echoed_and_failed_calls_are_logged(embedded: Cluster, embedded_channel: grpc.Channel) -> None:
@@ -259,3 +277,30 @@ def test_data_files_are_the_owners_alone(embedded: Cluster) -> None:
     for path in paths:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path.relative_to(data)} is {oct(mode)}"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x0a\x02\xff\xfe", b"\x0a\x7f\x61", b"\xff\xff\xff"],
+    ids=["string-not-utf8", "truncated", "bad-tag"],
+)
+def test_a_request_that_does_not_parse_is_invalid_argument(
+    embedded: Cluster, embedded_channel: grpc.Channel, payload: bytes
+) -> None:
+    # grpc answered UNKNOWN with the protobuf error text and logged a traceback: a client mistake is no server fault.
+    call = embedded_channel.unary_unary("/voiceassist.auth.v1.AuthService/CheckPasswordStrength")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(payload, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "VALIDATION_ERROR"
+    assert "voiceassist.auth.v1.CheckPasswordStrengthRequest" in caught.value.details()
+    assert "Decode" not in caught.value.details() and "DecodeError" not in embedded.servers[0].log_text()
+
+
+def test_a_path_that_is_not_utf8_is_400_through_envoy(edge_http: httpx.Client) -> None:
+    email = unique_email()
+    edge_http.post("/v1/auth:register", json={"email": email, "password": STRONG_PASSWORD})
+    token = edge_http.post("/v1/auth:login", json={"email": email, "password": STRONG_PASSWORD}).json()["accessToken"]
+    reply = edge_http.get("/v1/documents/%ff%fe", headers={"authorization": f"Bearer {token}"})
+    assert reply.status_code == 400, reply.text
+    assert json_reason(reply.json()) == "VALIDATION_ERROR" and "Decode" not in reply.text
