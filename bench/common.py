@@ -175,9 +175,10 @@ def results_markdown(started: str) -> str:
         "| benchmark | figure | value | target | met |",
         "|---|---|---|---|---|",
     ]
-    for number, (_title, rows) in enumerate(TABLES, 1):
+    for number, (title, rows) in enumerate(TABLES, 1):
+        name = f"{number}. {title.split(':')[0].split(' (')[0]}"  # "3. scale-out", from the table's title
         lines += [
-            f"| {number} | {r[0]} | {r[1]} | {r[2] if len(r) > 2 else ''} | {r[3] if len(r) > 3 else ''} |"
+            f"| {name} | {r[0]} | {r[1]} | {r[2] if len(r) > 2 else ''} | {r[3] if len(r) > 3 else ''} |"
             for r in rows
         ]
     lines += ["", "## How each benchmark ran", ""]
