@@ -33,6 +33,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from pydantic import BaseModel
 
 from services.auth.store import UserRow
+from services.core import registry
 from services.core.audit_client import AuditClient, RedisStreamSink
 from services.core.context import Caller
 from services.core.db import Database
@@ -102,7 +103,7 @@ async def _answers(search: Retriever) -> tuple[AnswerService, Database, PhiScann
     service = AnswerService(
         store, Conversations(store, audit), phi, InProcessSearch(search), model_writers(rag), audit,
         retrieval_limit=min(rag.retrieval_limit, 50), history_turns=rag.history_turns,
-        answer_wait_seconds=rag.answer_wait_seconds,
+        answer_lease_seconds=rag.answer_lease_seconds, answer_wait_seconds=registry.UNARY_TIMEOUT_SECONDS - 5,
     )  # fmt: skip
     return service, db, phi
 

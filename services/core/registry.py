@@ -55,6 +55,9 @@ SERVICES: tuple[ServiceSpec, ...] = (
 
 # Ports of a service are spaced by this much: at most this many workers per service on one host.
 MAX_WORKERS = 10
+# The longest a unary call may take end to end: Envoy's route timeout for unary methods, and the bound every service
+# keeps its own waits under (a wait past it would end as Envoy's 504, whatever the service meant to answer).
+UNARY_TIMEOUT_SECONDS = 60
 
 # Embedded mode hosts every service in one process on one port.
 EMBEDDED_PORT = 7100

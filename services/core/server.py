@@ -91,7 +91,10 @@ def server_options(settings: CoreSettings) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.keepalive_time_ms", settings.grpc_keepalive_seconds * 1000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # Envoy pings every upstream connection every 2 s to notice a vanished host (envoy_config.service_cluster):
+        # at the 5 s minimum gRPC had, a call with nothing sent for a few seconds (a slow model's answer) was cut
+        # with GOAWAY "too many pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_seconds * 1000),
         # grpc.aio sets SO_REUSEPORT by default, so a second server on a taken port would start silently.

@@ -240,6 +240,7 @@ class AnswerService:
         *,
         retrieval_limit: int,
         history_turns: int,
+        answer_lease_seconds: float,
         answer_wait_seconds: float,
     ) -> None:
         self._store = store
@@ -250,7 +251,8 @@ class AnswerService:
         self._audit = audit
         self._retrieval_limit = retrieval_limit
         self._history_turns = history_turns
-        self._lease = timedelta(seconds=answer_wait_seconds)
+        self._lease = timedelta(seconds=answer_lease_seconds)
+        self._wait_seconds = answer_wait_seconds
 
     async def ask(self, caller: Caller, question: Question) -> Answer:
         """The whole answer at once."""
@@ -268,6 +270,7 @@ class AnswerService:
             async for event in _replay(stored):
                 yield event
             return
+        renewing = asyncio.create_task(self._keep_lease(run)) if question.client_message_id else None
         try:
             async for event in self._answer(run):
                 yield event
@@ -283,12 +286,25 @@ class AnswerService:
                     resource_id=run.conversation.id,
                 )  # fmt: skip
             raise
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+
+    async def _keep_lease(self, run: _Run) -> None:
+        """Renew this worker's claim on the question while it writes the answer, so that a retry waits for it; a
+        crashed worker stops renewing and a retry takes the question over within one lease."""
+        every = self._lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            if run.row is not None:
+                with contextlib.suppress(Exception):  # a missed renewal costs at most a duplicate answer attempt
+                    await self._store.renew_lease(run.row.seq, utcnow() + self._lease)
 
     async def _claim(self, run: _Run) -> Answer | None:
         """For a question with a client message id: the stored answer to replay, or None when this request is to
         answer it (`run.row` is then the stored question, if one exists already)."""
         question = run.question
-        deadline = time.monotonic() + self._lease.total_seconds() + 5
+        deadline = time.monotonic() + self._wait_seconds
         while True:
             asked, answered = await self._store.message_pair(question.conversation_id, question.client_message_id)
             if asked is not None and asked.content != question.query:

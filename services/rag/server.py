@@ -287,7 +287,9 @@ async def build(runtime: Runtime) -> Hosted:
         SearchRetriever(runtime.channels.get("search"), settings.retrieval_timeout_seconds),
         writers, audit,
         retrieval_limit=min(settings.retrieval_limit, 50), history_turns=settings.history_turns,
-        answer_wait_seconds=settings.answer_wait_seconds,
+        answer_lease_seconds=settings.answer_lease_seconds,
+        # A retry waits for another worker's answer only as long as its own call may last (Envoy's route timeout).
+        answer_wait_seconds=registry.UNARY_TIMEOUT_SECONDS - 5,
     )  # fmt: skip
     servicer = RagServicer(conversations, answers, phi)
 

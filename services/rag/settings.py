@@ -52,10 +52,12 @@ class RagSettings(ServiceSettings):
     phi_score_threshold: float = Field(
         0.35, description="Detections scored below this are ignored (Presidio scores, 0-1)."
     )
-    answer_wait_seconds: float = Field(
-        120.0,
-        description="A retry with the client message id of an answer still being written waits this long for it; "
-        "an answer not written by then (a crashed worker) is taken over.",
+    answer_lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A worker's claim on writing an answer, renewed every third of it while it writes: a retry with "
+        "the same client message id waits for a live worker's answer, and takes over one whose worker crashed "
+        "within this long.",
     )
 
 

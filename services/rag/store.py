@@ -233,6 +233,11 @@ class RagStore:
             )
             return result.rowcount == 1
 
+    async def renew_lease(self, seq: int, lease_until: datetime) -> None:
+        """Extend the lease of the worker writing this question's answer."""
+        async with self.db.session() as s, s.begin():
+            await s.execute(update(MessageRow).where(MessageRow.seq == seq).values(answer_lease_until=lease_until))
+
     async def release_question(self, seq: int) -> None:
         """End the lease on a question whose answer failed, so a retry can take it over at once."""
         async with self.db.session() as s, s.begin():

@@ -5,8 +5,9 @@ as the "cloud" and "local" models (the only stand-ins: a cloud model is a paid e
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,7 @@ class ModelSystem:
     rag: Server
     http: httpx.Client
     stub: rag_pb2_grpc.RagServiceStub
+    restart: Callable[[], Server]  # kill -9 aside, a rag process on the same port with the same settings
 
 
 @pytest.fixture(scope="module")
@@ -355,16 +357,25 @@ def models(embedded: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
     shared = embedded.servers[0]
     for name in ("auth", "audit", "search", "voice"):
         cluster.point_at(name, shared)
+    settings = {
+        "RAG_CLOUD_BASE_URL": cloud.base_url, "RAG_CLOUD_MODEL": "big-cloud", "RAG_CLOUD_API_KEY": "sk-test",
+        "RAG_LOCAL_BASE_URL": local.base_url, "RAG_LOCAL_MODEL": "small-local", "RAG_MODEL_RETRIES": "0",
+        "RAG_BREAKER_FAILURE_THRESHOLD": "100",
+    }  # fmt: skip
     try:
-        server = cluster.start(
-            "rag",
-            RAG_CLOUD_BASE_URL=cloud.base_url, RAG_CLOUD_MODEL="big-cloud", RAG_CLOUD_API_KEY="sk-test",
-            RAG_LOCAL_BASE_URL=local.base_url, RAG_LOCAL_MODEL="small-local", RAG_MODEL_RETRIES="0",
-            RAG_BREAKER_FAILURE_THRESHOLD="100",
-        )  # fmt: skip
+        server = cluster.start("rag", **settings)
         envoy = cluster.start_envoy({"auth": shared, "audit": shared, "search": shared, "voice": shared, "rag": server})
         with httpx.Client(base_url=envoy.http, timeout=60) as http, grpc.insecure_channel(envoy.address) as channel:
-            yield ModelSystem(cloud, local, server, http, rag_pb2_grpc.RagServiceStub(channel))
+
+            def restart() -> Server:
+                again = cluster.start("rag", port=server.port, **settings)
+                deadline = time.monotonic() + 30  # until Envoy's health checks route to it again
+                while envoy.endpoints("rag")[again.address].get("health_flags") != "healthy":
+                    assert time.monotonic() < deadline, envoy.endpoints("rag")
+                    time.sleep(0.2)
+                return again
+
+            yield ModelSystem(cloud, local, server, http, rag_pb2_grpc.RagServiceStub(channel), restart)
     finally:
         cluster.stop()
         cloud.stop()
@@ -494,3 +505,45 @@ def test_mesh_idempotent_questions_and_isolation_on_postgresql(mesh: Cluster, me
     assert hidden.status_code == 404 and json_reason(hidden.json()) == "NOT_FOUND"
     mine = mesh_http.get(f"/v1/conversations/{conversation.id}", headers=owner.headers).json()["conversation"]
     assert mine["messageCount"] == 2
+
+
+def test_a_retry_after_a_crash_mid_answer_is_answered_within_one_lease(models: ModelSystem, knowledge: Knowledge):
+    # The worker writing the answer renews a short lease; killed, it stops, and the retry takes over. The lease was
+    # 120 s, past Envoy's 60 s route timeout: the retry ended as a 504 after a minute.
+    models.cloud.reset(Behaviour(pieces=["Beta ", "blockers ", "lower ", "heart ", "rate [1]."], piece_seconds=3))
+    conversation = _conversation(models.stub, knowledge.user)
+    key = f"crash-{uuid.uuid4().hex}"
+    stream = models.stub.StreamAsk(
+        R.StreamAskRequest(conversation_id=conversation.id, query=QUESTION, client_message_id=key),
+        metadata=knowledge.user.metadata, timeout=60,
+    )  # fmt: skip
+    assert any(message.HasField("delta") for message in stream)  # stops at the first piece: the answer is under way
+    assert models.rag.kill() != 0
+    with pytest.raises(grpc.RpcError):
+        list(stream)
+    models.cloud.reset(Behaviour())
+    models.rag = models.restart()
+    started = time.monotonic()
+    reply = models.stub.Ask(
+        R.AskRequest(conversation_id=conversation.id, query=QUESTION, client_message_id=key),
+        metadata=knowledge.user.metadata, timeout=30,
+    )  # fmt: skip
+    assert reply.content and time.monotonic() - started < 15
+    messages = _messages(models.stub, knowledge.user, conversation.id)
+    assert [m.client_message_id for m in messages] == [key, key]  # one question, one answer
+
+
+def test_a_slow_answer_is_waited_for_not_taken_over(models: ModelSystem, knowledge: Knowledge) -> None:
+    # Longer than a lease (10 s): the writer's renewals keep the retry waiting for its answer, one model call in all.
+    models.cloud.reset(Behaviour(pieces=["Beta ", "blockers ", "lower ", "heart ", "rate [1]."], piece_seconds=3))
+    conversation = _conversation(models.stub, knowledge.user)
+    key = f"slow-{uuid.uuid4().hex}"
+    request = R.AskRequest(conversation_id=conversation.id, query=QUESTION, client_message_id=key)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(models.stub.Ask, request, metadata=knowledge.user.metadata, timeout=60)
+        time.sleep(2)
+        second = pool.submit(models.stub.Ask, request, metadata=knowledge.user.metadata, timeout=60)
+        replies = [first.result(), second.result()]
+    assert replies[0].message_id == replies[1].message_id
+    assert len(models.cloud.requests) == 1  # reset() above forgot the earlier ones
+    models.cloud.reset(Behaviour())

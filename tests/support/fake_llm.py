@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +23,7 @@ class Behaviour:
     fail_status: int = 0  # answer every request with this HTTP status (0: answer normally)
     fail_first: int = 0  # answer the first N requests with 503, then normally
     break_after: int = 0  # streaming: drop the connection after this many pieces (0: never)
+    piece_seconds: float = 0.0  # streaming: the pause after each piece (a slow model)
 
 
 class FakeChatModel:
@@ -93,6 +95,7 @@ class FakeChatModel:
                     chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                    time.sleep(behaviour.piece_seconds)
                     if behaviour.break_after and n >= behaviour.break_after:
                         self.wfile.write(b"data: {not json")  # a torn event, then the connection drops
                         self.wfile.flush()
