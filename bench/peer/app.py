@@ -21,7 +21,6 @@ auth service's JWKS as JSON, handed over by the benchmark). Run by `bench/hot_pa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from contextlib import asynccontextmanager
@@ -33,7 +32,6 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from pydantic import BaseModel
 
 from services.auth.store import UserRow
-from services.core import registry
 from services.core.audit_client import AuditClient, RedisStreamSink
 from services.core.context import Caller
 from services.core.db import Database
@@ -42,13 +40,9 @@ from services.core.redis_store import RedisConnection
 from services.core.revocation import RedisRevocationList
 from services.core.settings import core_settings
 from services.core.tokens import JwtVerifier, KeySet
-from services.rag.answers import AnswerService
-from services.rag.conversations import Conversations
-from services.rag.phi import PhiDetector, PhiScanner
 from services.rag.retrieval import Passage
-from services.rag.server import answer_message, model_writers, question_from
+from services.rag.server import Answering, answer_message, build_answering, question_from
 from services.rag.settings import rag_settings
-from services.rag.store import RagStore
 from services.search.edge_index import EdgeIndex
 from services.search.embeddings import Embedder
 from services.search.index import ChunkFilter, Mode
@@ -89,29 +83,13 @@ class InProcessSearch:
 
 
 retriever: Retriever | None = None
-answers: AnswerService | None = None
-
-
-async def _answers(search: Retriever) -> tuple[AnswerService, Database, PhiScanner]:
-    """The rag service's answering, wired as its build() does, with the search in this process."""
-    rag = rag_settings()
-    db = Database("rag", settings)
-    phi = PhiScanner(await asyncio.to_thread(PhiDetector.load, rag.phi_score_threshold), rag.phi_workers,
-                     rag.phi_max_chars)  # fmt: skip
-    store = RagStore(db)
-    audit = AuditClient("rag", RedisStreamSink(redis, settings.audit_buffer_max_events))
-    service = AnswerService(
-        store, Conversations(store, audit), phi, InProcessSearch(search), model_writers(rag), audit,
-        retrieval_limit=min(rag.retrieval_limit, 50), history_turns=rag.history_turns,
-        answer_lease_seconds=rag.answer_lease_seconds, answer_wait_seconds=registry.UNARY_TIMEOUT_SECONDS - 5,
-    )  # fmt: skip
-    return service, db, phi
+answering: Answering | None = None
 
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
-    global retriever, answers
-    index = rag_db = phi = None
+    global retriever, answering
+    index = None
     if os.environ.get("PEER_INDEX"):
         search = search_settings()
         index = EdgeIndex(Path(os.environ["PEER_INDEX"]))
@@ -124,11 +102,11 @@ async def lifespan(_app: FastAPI):
             rrf_k=search.rrf_k,
             snippet_chars=search.snippet_chars,
         )
-        answers, rag_db, phi = await _answers(retriever)
+        audit = AuditClient("rag", RedisStreamSink(redis, settings.audit_buffer_max_events))
+        answering = await build_answering(rag_settings(), settings, audit, InProcessSearch(retriever))
     yield
     if index is not None:
-        phi.close()
-        await rag_db.close()
+        await answering.close()
         await index.close()
     await database.close()
     await redis.close()
@@ -207,11 +185,11 @@ async def search(body: SearchBody, who: Caller = Depends(caller)) -> dict[str, A
 
 @app.post("/v1/conversations/{conversation_id}:ask")
 async def ask(conversation_id: str, body: dict[str, Any], who: Caller = Depends(caller)) -> dict[str, Any]:
-    if answers is None:
+    if answering is None:
         raise HTTPException(404, "answering is not loaded (PEER_INDEX)")
     request = ParseDict({**body, "conversationId": conversation_id}, rag_pb2.AskRequest())
     try:
-        answer = await answers.ask(who, question_from(request))
+        answer = await answering.answers.ask(who, question_from(request))
     except ServiceError as exc:
         raise HTTPException(400, exc.message) from None
     return MessageToDict(answer_message(answer))

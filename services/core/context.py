@@ -7,7 +7,7 @@ events read it from here instead of threading it through every function.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from services.core.errors import Reason, ServiceError
@@ -56,21 +56,9 @@ def current_request() -> RequestInfo | None:
     return _current.get()
 
 
-def set_request(info: RequestInfo) -> object:
-    """Make `info` the current call; returns a token for `reset_request`."""
-    return _current.set(info)
-
-
-def reset_request(token: object) -> None:
-    """Undo `set_request`."""
-    _current.reset(token)  # type: ignore[arg-type]
-
-
-def set_caller(caller: Caller, bearer_token: str) -> None:
-    """Record the authenticated caller on the current call (done by the auth interceptor)."""
-    info = _current.get()
-    if info is not None:
-        _current.set(replace(info, caller=caller, bearer_token=bearer_token))
+def set_request(info: RequestInfo) -> None:
+    """Make `info` the current call (the call interceptor does, once authenticated again with its caller)."""
+    _current.set(info)
 
 
 def request_id() -> str:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from google.rpc import status_pb2
 
 from services.core import registry
+from services.core.audit_client import AuditClient
 from services.core.context import current_caller
 from services.core.db import Database
 from services.core.errors import Reason, ServiceError, invalid
 from services.core.interceptors import rich_status
 from services.core.runtime import Runtime
 from services.core.server import Hosted
+from services.core.settings import CoreSettings
 from services.core.timestamps import to_timestamp
 from services.rag.answers import (
     Answer,
@@ -35,6 +38,7 @@ from services.rag.chat_client import ChatClient, ChatEndpoint
 from services.rag.conversations import Conversations, ConversationSettings, settings_of
 from services.rag.phi import PhiDetector, PhiScanner, PhiType
 from services.rag.prompts import AnswerStyle
+from services.rag.retrieval import Retriever
 from services.rag.routing import ModelKind
 from services.rag.search_client import SearchRetriever
 from services.rag.settings import RagSettings, rag_settings
@@ -271,38 +275,54 @@ def model_writers(settings: RagSettings) -> dict[ModelKind, AnswerWriter]:
     return writers
 
 
-async def build(runtime: Runtime) -> Hosted:
-    """The rag service, ready to add to a server."""
-    settings = rag_settings()
-    db = Database("rag", runtime.settings)
+@dataclass
+class Answering:
+    """The rag service's use cases over its database, and what they hold open."""
+
+    db: Database
+    phi: PhiScanner
+    conversations: Conversations
+    answers: AnswerService
+    writers: dict[ModelKind, AnswerWriter]
+
+    async def close(self) -> None:
+        for writer in self.writers.values():
+            if isinstance(writer, ChatWriter):
+                await writer.client.close()
+        self.phi.close()
+        await self.db.close()
+
+
+async def build_answering(
+    settings: RagSettings, core: CoreSettings, audit: AuditClient, retriever: Retriever
+) -> Answering:
+    """Answering wired from settings, over `retriever` (the search service; bench/peer/ searches in-process)."""
+    db = Database("rag", core)
     await db.migrate(MIGRATIONS)
     detector = await asyncio.to_thread(PhiDetector.load, settings.phi_score_threshold)
     phi = PhiScanner(detector, settings.phi_workers, settings.phi_max_chars)
     store = RagStore(db)
-    audit = runtime.audit("rag")
     conversations = Conversations(store, audit)
     writers = model_writers(settings)
     answers = AnswerService(
-        store, conversations, phi,
-        SearchRetriever(runtime.channels.get("search"), settings.retrieval_timeout_seconds),
-        writers, audit,
+        store, conversations, phi, retriever, writers, audit,
         retrieval_limit=min(settings.retrieval_limit, 50), history_turns=settings.history_turns,
         answer_lease_seconds=settings.answer_lease_seconds,
         # A retry waits for another worker's answer only as long as its own call may last (Envoy's route timeout).
         answer_wait_seconds=registry.UNARY_TIMEOUT_SECONDS - 5,
     )  # fmt: skip
-    servicer = RagServicer(conversations, answers, phi)
+    return Answering(db, phi, conversations, answers, writers)
 
-    async def close() -> None:
-        for writer in writers.values():
-            if isinstance(writer, ChatWriter):
-                await writer.client.close()
-        phi.close()
-        await db.close()
 
+async def build(runtime: Runtime) -> Hosted:
+    """The rag service, ready to add to a server."""
+    settings = rag_settings()
+    search = SearchRetriever(runtime.channels.get("search"), settings.retrieval_timeout_seconds)
+    answering = await build_answering(settings, runtime.settings, runtime.audit("rag"), search)
+    servicer = RagServicer(answering.conversations, answering.answers, answering.phi)
     return Hosted(
         SPEC,
         lambda server: rag_pb2_grpc.add_RagServiceServicer_to_server(servicer, server),
-        probe=db.ping,
-        close=close,
+        probe=answering.db.ping,
+        close=answering.close,
     )

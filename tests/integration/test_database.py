@@ -43,13 +43,18 @@ async def _kill_backends(application_name: str) -> int:
     return len(killed)
 
 
+async def _killed_while_idle(db: Database) -> None:
+    """The pool's one connection used, then closed by the server while it sits idle past the ping threshold."""
+    assert await db.fetch_one(text("SELECT 1 AS one"), {}) is not None
+    assert await _kill_backends(db.service) == 1
+    await asyncio.sleep(0.3)
+
+
 @pytest.mark.mesh
 async def test_a_connection_killed_while_idle_is_replaced_before_use() -> None:
     db = await _database(idle_ping_seconds=0.2)
     try:
-        assert await db.fetch_one(text("SELECT 1 AS one"), {}) is not None
-        assert await _kill_backends(db.service) == 1
-        await asyncio.sleep(0.3)  # idle past the ping threshold
+        await _killed_while_idle(db)
         row = await db.fetch_one(text("SELECT 2 AS two"), {})
         assert row is not None and row.two == 2
     finally:
@@ -61,9 +66,7 @@ async def test_without_the_idle_ping_a_killed_connection_fails_the_call() -> Non
     # The control for the test above: the ping is what saves the call.
     db = await _database(idle_ping_seconds=3600)
     try:
-        await db.fetch_one(text("SELECT 1"), {})
-        await _kill_backends(db.service)
-        await asyncio.sleep(0.3)
+        await _killed_while_idle(db)
         with pytest.raises(Exception, match=r"(?i)connection|terminat"):
             await db.fetch_one(text("SELECT 1"), {})
         assert (await db.fetch_one(text("SELECT 3 AS three"), {})).three == 3  # the pool recovered by itself
