@@ -72,8 +72,11 @@ def factories(servers: dict[str, str]) -> dict[str, ServiceFactory]:
 def _run_server(servers: dict[str, str], name: str, port: int, metrics_port: int | None) -> None:
     try:
         # uvloop: grpc.aio runs on any asyncio loop, and with uvloop's the auth service spends a fifth less CPU per read
-        # (the PostgreSQL and Redis sockets are asyncio's, not gRPC's).
-        uvloop.run(serve(factories(servers), settings=core_settings(), port=port, metrics_port=metrics_port))
+        # (the PostgreSQL and Redis sockets are asyncio's, not gRPC's). Not where voice is hosted: it starts a
+        # process per spoken sentence, and under uvloop's (libuv's) spawning one now and then died of SIGSEGV before
+        # it ran (espeak-ng, in loaded CI runs); asyncio's own loop spawns through Python's subprocess.
+        run = asyncio.run if "voice" in servers else uvloop.run
+        run(serve(factories(servers), settings=core_settings(), port=port, metrics_port=metrics_port))
     except StartupRefused as exc:
         raise click.ClickException(f"{name}: {exc}") from None
 

@@ -9,15 +9,12 @@ each one is complete, `speakable()` removes what should not be read aloud (citat
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.core.errors import Reason, ServiceError, invalid
 from services.voice.audio import OUTPUT_RATES, SAMPLE_WIDTH, read_wav, resample
-
-log = logging.getLogger(__name__)
 
 ESPEAK_RATE = 22050
 MAX_SENTENCE_CHARS = 250
@@ -146,13 +143,7 @@ class EspeakSynthesizer:
 
     async def voices(self) -> list[Voice]:
         if self._voices is None:
-            try:
-                out = await self._run([self._binary, "--voices"], b"")
-            except SynthesisFailed as exc:
-                # Seen once in a loaded test run: espeak-ng killed by SIGSEGV listing its voices. The listing only
-                # reads installed files, so one more try is safe; the result is kept for the process's life.
-                log.warning("listing voices failed; trying once more", extra={"error": str(exc)})
-                out = await self._run([self._binary, "--voices"], b"")
+            out = await self._run([self._binary, "--voices"], b"")
             self._voices = parse_espeak_voices(out.decode(errors="replace"))
         return self._voices
 
@@ -168,8 +159,7 @@ class EspeakSynthesizer:
     async def _run(self, args: list[str], stdin: bytes) -> bytes:
         async with self._slots:
             try:
-                # No input, no pipe: a process that exits before its stdin is written to would make uvloop refuse
-                # the write with RuntimeError (asyncio's own loop ignores it).
+                # No input, no pipe: nothing to write to a process that may have exited already.
                 process = await asyncio.create_subprocess_exec(
                     *args, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
