@@ -37,11 +37,12 @@ vendor-protos: setup  ## copy google/api and google/rpc protos from the pinned g
 	  cp $$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__file__)))')/$$f.proto \
 	     third_party/googleapis/google/$$f.proto; done
 
-lint: setup  ## buf lint + breaking, ruff, import boundaries
+lint: setup  ## buf lint + breaking, ruff, import boundaries, mypy (configured in pyproject.toml)
 	$(BIN)/buf lint
 	scripts/buf-breaking
 	$(BIN)/ruff check services tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: check-gen lint  ## everything CI runs
 	$(BIN)/pytest

@@ -14,13 +14,13 @@ import grpc
 import redis
 
 from bench.common import RUNS, median, percentile, table
+from services.audit import ledger_proofs
 from services.audit.checkpoints import CheckpointKeys, Checkpoints
 from services.audit.events import NewEvent, now_micros
 from services.audit.ledger import Ledger
 from services.audit.server import MIGRATIONS
 from services.audit.settings import AuditSettings
 from services.audit.store import AuditStore
-from services.core import ledger_proofs
 from services.core.audit_client import STREAM, STREAM_FIELD
 from services.core.db import Database
 from services.core.settings import CoreSettings

@@ -180,7 +180,7 @@ def main() -> None:
             found = answered = None
             if index is not None:
                 questions = _questions()
-                searches = [("/v1/search", json.dumps({"query": q, "limit": 10})) for q in questions]
+                searches = [("/v1/search", json.dumps({"query": q, "pageSize": 10})) for q in questions]
                 found = _compare(
                     Side(f"{envoy.http}/v1/search", {"search": [search.process.pid], "envoy": [envoy.process.pid]}),
                     Side(f"{peer_url}/v1/search", {"peer": [peer.pid]}),

@@ -39,7 +39,9 @@ def ranked_documents(stub, metadata, query: str, mode: int, depth: int = 100) ->
     token = ""
     while len(seen) < depth:
         reply = stub.Search(
-            search_pb2.SearchRequest(query=query, mode=mode, limit=50, page_token=token), metadata=metadata, timeout=60
+            search_pb2.SearchRequest(query=query, mode=mode, page_size=50, page_token=token),
+            metadata=metadata,
+            timeout=60,
         )
         for result in reply.results:
             seen.setdefault(result.document_id)
@@ -119,7 +121,7 @@ def main() -> None:
                 for _ in range(RUNS):
                     times = []
                     for text in queries.values():
-                        request = search_pb2.SearchRequest(query=text, mode=mode, limit=10, filters=where)
+                        request = search_pb2.SearchRequest(query=text, mode=mode, page_size=10, filters=where)
                         begin = time.perf_counter()
                         stub.Search(request, metadata=admin.metadata, timeout=30)
                         times.append((time.perf_counter() - begin) * 1000)

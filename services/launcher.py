@@ -61,7 +61,7 @@ def dying_with_parent(args: Sequence[str]) -> list[str]:
 
 def spawn(
     args: Sequence[str], *, env: dict[str, str] | None = None, log_path: Path | None = None, cwd: Path = ROOT
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     """Start a child in its own session (a terminal's Ctrl-C reaches only its parent, which stops children in
     order) that dies with its parent, with stdout and stderr appended to `log_path`."""
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
@@ -77,12 +77,12 @@ def spawn(
 
 def start_server(
     services: str, port: int, metrics_port: int | None, env: dict[str, str] | None = None, log_path: Path | None = None
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     """Start `voiceassist serve SERVICES` as a child process."""
     return spawn(server_args(services, port, metrics_port), env=env, log_path=log_path)
 
 
-def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     """Start Envoy with `config`."""
     return spawn(envoy_args(config), log_path=log_path, cwd=cwd)
 
@@ -90,7 +90,8 @@ def start_envoy(config: Path, log_path: Path | None = None, cwd: Path = ROOT) ->
 def _health(stub: health_pb2_grpc.HealthStub, name: str, timeout: float) -> str:
     """The status gRPC health reports for `name` ("SERVING", "NOT_SERVING", ...), or the call's error code."""
     try:
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+        # types-grpcio-health-checking declares HealthStub without its methods (the generated class adds them).
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
         return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -128,12 +129,13 @@ def envoy_is_ready(admin_port: int) -> bool:
     """True when Envoy's admin /ready says LIVE."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as reply:
-            return reply.status == 200
+            status: int = reply.status  # urlopen is typed Any: an HTTPResponse for http URLs
+            return status == 200
     except OSError:
         return False
 
 
-def wait_envoy_ready(admin_port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+def wait_envoy_ready(admin_port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
     """Block until `envoy_is_ready`; RuntimeError at once when `process` (the Envoy) exited."""
     deadline = time.monotonic() + timeout
     while not envoy_is_ready(admin_port):
@@ -156,7 +158,7 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def stop_all(processes: Sequence[subprocess.Popen], timeout: float = 30.0) -> list[int]:
+def stop_all(processes: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0) -> list[int]:
     """SIGTERM every process, wait for each (SIGKILL after `timeout`), return their exit codes."""
     for proc in processes:
         if proc.poll() is None:

@@ -38,7 +38,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path = ROOT
     group: str = ""  # children of one group (a service's workers) stop together; default: its own name
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None  # when a crashed child is started again
     serving: bool = False
@@ -89,7 +89,7 @@ class RestartPolicy:
 
     def delay(self, crashes: int) -> float:
         """Backoff before restart number `crashes` (1-based)."""
-        return min(self.max_delay, self.first_delay * 2 ** (crashes - 1))
+        return min(self.max_delay, self.first_delay * 2.0 ** (crashes - 1))
 
 
 class Supervisor:

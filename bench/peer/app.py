@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from google.protobuf.json_format import MessageToDict, ParseDict
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.auth.store import UserRow
 from services.core.audit_client import AuditClient, RedisStreamSink
@@ -152,7 +152,7 @@ async def current_user(who: Caller = Depends(caller)) -> dict[str, Any]:
 
 class SearchBody(BaseModel):
     query: str
-    limit: int = 0
+    page_size: int = Field(0, alias="pageSize")
 
 
 @app.post("/v1/search")
@@ -160,7 +160,7 @@ async def search(body: SearchBody, who: Caller = Depends(caller)) -> dict[str, A
     if retriever is None:
         raise HTTPException(404, "search is not loaded (PEER_INDEX)")
     try:
-        found = await retriever.search(body.query, Mode.HYBRID, ChunkFilter(), body.limit, "")
+        found = await retriever.search(body.query, Mode.HYBRID, ChunkFilter(), body.page_size, "")
     except ServiceError as exc:
         raise HTTPException(400, exc.message) from None
     return {

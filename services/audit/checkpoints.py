@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.audit.events import now_micros
 from services.audit.ledger import Ledger
+from services.audit.ledger_proofs import checkpoint_text, key_id
 from services.audit.store import AuditStore, CheckpointRow, Head, SigningKeyRow
 from services.core.keystore import load_private_key, private_key_pem, raw_public_key
-from services.core.ledger_proofs import checkpoint_text, key_id
 
 log = logging.getLogger(__name__)
 

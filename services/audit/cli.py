@@ -12,13 +12,13 @@ import click
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from services.core import ledger_proofs
-from services.core.settings import core_settings
+from services.audit import ledger_proofs
+from services.core.cli_login import SignIn, sign_in_options
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 
 
-def _stub(address: str | None) -> tuple[grpc.Channel, audit_pb2_grpc.AuditServiceStub]:
-    channel = grpc.insecure_channel(address or core_settings().envoy_address)
+def _stub(sign_in: SignIn) -> tuple[grpc.Channel, audit_pb2_grpc.AuditServiceStub]:
+    channel = grpc.insecure_channel(sign_in.address)
     return channel, audit_pb2_grpc.AuditServiceStub(channel)
 
 
@@ -32,27 +32,22 @@ def audit() -> None:
 
 
 @audit.command("export")
-@click.option("--address", help="gRPC address (default: Envoy on this machine).")
-@click.option(
-    "--token",
-    envvar="VOICEASSIST_TOKEN",
-    required=True,
-    help="Access token (or VOICEASSIST_TOKEN); a user exports only their own events.",
-)
+@sign_in_options
 @click.option("--after", "after_sequence", type=int, default=0, help="Resume after this sequence number.")
 @click.option("--action-prefix", default="", help="Only actions starting with this, e.g. auth.login.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="File to append to (default: stdout).")
-def export_command(address: str | None, token: str, after_sequence: int, action_prefix: str, output: Path | None):
-    """Write events as newline-delimited JSON, oldest first. Events are never deleted from the ledger; keep the
-    exports (HIPAA: 6 years) and resume an interrupted one with --after."""
-    channel, stub = _stub(address)
+def export_command(sign_in: SignIn, after_sequence: int, action_prefix: str, output: Path | None):
+    """Write events as newline-delimited JSON, oldest first (a user's own events; an admin's: all). Events are never
+    deleted from the ledger; keep the exports (HIPAA: 6 years) and resume an interrupted one with --after."""
+    metadata = sign_in.metadata()
+    channel, stub = _stub(sign_in)
     request = audit_pb2.ExportEventsRequest(
         filter=audit_pb2.EventFilter(action_prefix=action_prefix), after_sequence=after_sequence
     )
     last = after_sequence
     with channel, output.open("a") if output else contextlib.nullcontext(sys.stdout) as out:
         try:
-            for reply in stub.ExportEvents(request, metadata=(("authorization", f"Bearer {token}"),)):
+            for reply in stub.ExportEvents(request, metadata=metadata):
                 if reply.HasField("error"):
                     break  # the call's status says it too, below
                 out.write(json.dumps(MessageToDict(reply.event), separators=(",", ":")) + "\n")
@@ -63,18 +58,19 @@ def export_command(address: str | None, token: str, after_sequence: int, action_
 
 
 @audit.command("verify")
-@click.option("--address", help="gRPC address (default: Envoy on this machine).")
-@click.option("--token", envvar="VOICEASSIST_TOKEN", required=True, help="An admin's access token.")
+@sign_in_options
 @click.option("--start", type=int, default=0, help="First sequence number (default: the first event).")
 @click.option("--end", type=int, default=0, help="Last sequence number (default: the newest event).")
-def verify_command(address: str | None, token: str, start: int, end: int) -> None:
-    """Have the server recompute the chain and the tree (VerifyIntegrity); exit 1 on the first inconsistency."""
-    channel, stub = _stub(address)
+def verify_command(sign_in: SignIn, start: int, end: int) -> None:
+    """Have the server recompute the chain and the tree (VerifyIntegrity, admins only); exit 1 on the first
+    inconsistency."""
+    metadata = sign_in.metadata()
+    channel, stub = _stub(sign_in)
     with channel:
         try:
             report = stub.VerifyIntegrity(
                 audit_pb2.VerifyIntegrityRequest(start_sequence=start, end_sequence=end),
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=metadata,
                 timeout=600,
             )
         except grpc.RpcError as error:
@@ -85,15 +81,14 @@ def verify_command(address: str | None, token: str, start: int, end: int) -> Non
 
 
 @audit.command("monitor")
-@click.option("--address", help="gRPC address (default: Envoy on this machine).")
-@click.option("--token", envvar="VOICEASSIST_TOKEN", required=True, help="Any account's access token.")
+@sign_in_options
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where the last verified checkpoint and the pinned public key are kept.")  # fmt: skip
-def monitor_command(address: str | None, token: str, state: Path) -> None:
+def monitor_command(sign_in: SignIn, state: Path) -> None:
     """Fetch the newest signed checkpoint and prove, with checks run here, that it extends the one seen last
-    time. The first run pins the public key; later runs refuse any other key."""
-    channel, stub = _stub(address)
-    metadata = (("authorization", f"Bearer {token}"),)
+    time (any account may). The first run pins the public key; later runs refuse any other key."""
+    metadata = sign_in.metadata()
+    channel, stub = _stub(sign_in)
     saved = json.loads(state.read_text()) if state.exists() else None
     with channel:
         try:

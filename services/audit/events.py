@@ -9,22 +9,18 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from services.audit.ledger_proofs import metadata_json, timestamp_micros
 from services.core.audit_client import check_metadata
 from services.core.context import Caller
 from services.core.errors import Reason, ServiceError, invalid
-from services.core.ledger_proofs import metadata_json, timestamp_micros
+from services.core.limits import AUDIT
+from voiceassist.audit.v1 import audit_pb2
 
 SUCCESS, FAILURE = 1, 2  # audit.v1.Outcome numbers
 ACTION = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 ROLES = frozenset({"", "user", "viewer", "admin", "service"})
 MAX_FUTURE_MICROS = 300 * 1_000_000  # producers' clocks may run ahead a little, not more
 MIN_EVENT_TIME_MICROS = 946_684_800 * 1_000_000  # 2000-01-01: anything earlier is an unset or broken clock
-# Longest accepted value of each text field (characters).
-LIMITS = {
-    "actor.id": 128, "actor.email": 254, "actor.role": 16, "action": 128, "resource.type": 64, "resource.id": 256,
-    "failure_reason": 64, "request_id": 128, "client_ip": 64, "user_agent": 512, "service": 32, "method": 256,
-}  # fmt: skip
-FILTER_LIMIT = 256  # longest accepted value of a text filter
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +54,14 @@ def now_micros() -> int:
 def _text(field: str, value: str, prefix: str) -> str:
     if "\x00" in value:
         raise invalid(prefix + field, "must not contain NUL characters")
-    if len(value) > LIMITS[field]:
-        raise invalid(prefix + field, f"at most {LIMITS[field]} characters")
+    if len(value) > AUDIT.event_text_chars[field]:
+        raise invalid(prefix + field, f"at most {AUDIT.event_text_chars[field]} characters")
     return value
 
 
-def check_event(event: Any, *, appended_by: str = "", prefix: str = "event.") -> NewEvent:
+def check_event(event: audit_pb2.Event, *, appended_by: str = "", prefix: str = "event.") -> NewEvent:
     """The event as the ledger will store it; ServiceError (VALIDATION_ERROR naming the field) when it breaks a
-    rule. `event` is an audit_pb2.Event; output-only fields (sequence, hashes, commit time) are ignored."""
+    rule. Output-only fields (sequence, hashes, commit time) are ignored."""
     try:
         event_id = str(uuid.UUID(event.event_id))
     except ValueError:
@@ -114,8 +110,8 @@ def may_append_any(caller: Caller) -> bool:
     return caller.role in ("admin", "service")
 
 
-def as_own_event(event: Any, caller: Caller) -> None:
-    """Make `event` (an audit_pb2.Event from a caller who is neither admin nor service) an event they performed:
+def as_own_event(event: audit_pb2.Event, caller: Caller) -> None:
+    """Make `event` (from a caller who is neither admin nor service) an event they performed:
     PERMISSION_DENIED when it names another actor; the actor's role comes from their token, not from them."""
     if event.actor.id and event.actor.id != caller.user_id:
         raise ServiceError(
@@ -143,8 +139,8 @@ class EventQuery:
         """Itself, when every value is within bounds; VALIDATION_ERROR naming the field otherwise."""
         for name in ("actor_id", "action_prefix", "resource_type", "resource_id", "request_id"):
             value = getattr(self, name)
-            if len(value) > FILTER_LIMIT or "\x00" in value:
-                raise invalid(prefix + name, f"at most {FILTER_LIMIT} characters, no NUL")
+            if len(value) > AUDIT.filter_chars or "\x00" in value:
+                raise invalid(prefix + name, f"at most {AUDIT.filter_chars} characters, no NUL")
         if self.outcome not in (0, SUCCESS, FAILURE):
             raise invalid(prefix + "outcome", "unknown outcome")
         if self.start_us is not None and self.end_us is not None and self.start_us >= self.end_us:

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from services.audit.events import NewEvent, check_event
 from services.audit.ledger import Ledger
 from services.core.audit_client import STREAM, STREAM_FIELD
 from services.core.errors import ServiceError
+from services.core.redis_store import stream_entries
 from voiceassist.audit.v1 import audit_pb2
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class RedisStreamSource:
                 self._group_ready = False
                 return []
             raise
-        return [_delivery(ref, fields) for _, entries in (reply or []) for ref, fields in entries]
+        return [_delivery(ref, fields) for ref, fields in stream_entries(reply)]
 
     async def _reclaim(self, count: int) -> list[Delivery]:
         cursor, entries, *_ = await self._client.xautoclaim(
@@ -170,7 +171,7 @@ class RedisStreamSource:
         await self._client.aclose()
 
 
-def _delivery(ref: bytes | str, fields: dict) -> Delivery:
+def _delivery(ref: bytes | str, fields: Mapping[bytes, bytes]) -> Delivery:
     ref = ref.decode() if isinstance(ref, bytes) else ref
     raw = fields.get(STREAM_FIELD)
     if raw is None:

@@ -7,7 +7,7 @@ leaves, and every signed checkpoint inside the range must have the recomputed ro
 an edit whose hashes were recomputed too). Rows are read in batches, so memory stays flat at any ledger size.
 
 This is the server checking itself against its own signing keys; a client that keeps checkpoints and the public
-key checks the server with services/core/ledger_proofs.py instead.
+key checks the server with services/audit/ledger_proofs.py instead.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.audit.ledger import Ledger, out_of_range
+from services.audit.ledger_proofs import ZERO_CHAIN, chain_hashes, leaf_hashes, verify_checkpoint
 from services.audit.merkle import Frontier, MissingNode, frontier_at
 from services.audit.store import CANONICAL_COLUMNS, CheckpointRow
 from services.core.errors import invalid
-from services.core.ledger_proofs import ZERO_CHAIN, chain_hashes, leaf_hashes, verify_checkpoint
 
 BATCH = 20_000  # rows per read
 _FIELDS = len(CANONICAL_COLUMNS)  # a scanned row: the canonical columns, then leaf hash and chain hash
@@ -118,7 +119,7 @@ class IntegrityCheck:
 
     def _check_rows(
         self,
-        rows: Sequence[Sequence],
+        rows: Sequence[Sequence[Any]],
         start: int,
         end: int,
         chain: bytes,

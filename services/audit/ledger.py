@@ -2,7 +2,7 @@
 
 Every append is one transaction holding the head row's lock: it skips event ids already committed, numbers the
 new events after the head (a gapless sequence even with several consumers), computes each leaf hash from the
-canonical encoding (services/core/ledger_proofs.py), chains it, extends the Merkle frontier and stores the
+canonical encoding (services/audit/ledger_proofs.py), chains it, extends the Merkle frontier and stores the
 subtrees it completes. The hashes are the same code a client's verifier runs.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.audit.events import NewEvent, now_micros
+from services.audit.ledger_proofs import EMPTY_ROOT, chain_hashes, leaf_hashes
 from services.audit.merkle import Frontier, MissingNode, TreeReader, consistency_ranges, inclusion_ranges
 from services.audit.store import CANONICAL_COLUMNS, AuditStore, Head
 from services.core.errors import Reason, ServiceError, invalid
-from services.core.ledger_proofs import EMPTY_ROOT, chain_hashes, leaf_hashes
 
 
 @dataclass(frozen=True)

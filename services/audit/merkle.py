@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.core.ledger_proofs import EMPTY_ROOT, HASH_SIZE, node_hash
+from services.audit.ledger_proofs import EMPTY_ROOT, HASH_SIZE, node_hash
 
 STRIDE = 8  # stored levels: 0 (leaves), 8, 16, 24, ...
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from services.audit.checkpoints import CheckpointKeys, Checkpoints
 from services.audit.events import EventQuery, as_own_event, check_event, may_append_any
 from services.audit.ingest import Consumer, QueueSource, RedisStreamSource, consumer_name
 from services.audit.integrity import IntegrityCheck
 from services.audit.ledger import Ledger
+from services.audit.ledger_proofs import timestamp_micros
 from services.audit.settings import AuditSettings, audit_settings
 from services.audit.store import AuditStore, CheckpointRow, LedgerRow
 from services.core import registry
@@ -26,19 +26,19 @@ from services.core.audit_client import AuditClient
 from services.core.context import Caller, current_caller, require_role
 from services.core.db import Database
 from services.core.errors import Reason, ServiceError, invalid, not_found
-from services.core.ledger_proofs import timestamp_micros
+from services.core.limits import AUDIT
 from services.core.pagination import decode_page_token, encode_page_token, page_size
 from services.core.ratelimit import Limit
 from services.core.redis_store import StoreUnavailable
 from services.core.runtime import Runtime
 from services.core.server import Hosted
+from services.core.status import ends_with_status
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)
 SPEC = registry.spec("audit")
 MIGRATIONS = Path(__file__).parent / "migrations"
 EXPORT_PAGE = 1000
-ERROR_DOMAIN = f"{SPEC.name}.voiceassist"  # as the error interceptor names it
 
 
 def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -62,7 +62,7 @@ def event_message(row: LedgerRow) -> audit_pb2.Event:
         actor=audit_pb2.Actor(id=row.actor_id, email=row.actor_email, role=row.actor_role),
         action=row.action,
         resource=audit_pb2.Resource(type=row.resource_type, id=row.resource_id),
-        outcome=row.outcome,  # type: ignore[arg-type]
+        outcome=row.outcome,  # type: ignore[arg-type]  # the stored enum number: the stubs want the enum type
         failure_reason=row.failure_reason,
         request_id=row.request_id,
         client_ip=row.client_ip,
@@ -112,16 +112,6 @@ def _visible(row: LedgerRow, caller: Caller) -> bool:
     return caller.can_oversee or row.actor_id == caller.user_id
 
 
-def _error_status(exc: Exception) -> status_pb2.Status:
-    """The google.rpc.Status a stream's final message carries (the same the call's status says)."""
-    error = exc if isinstance(exc, ServiceError) else ServiceError(Reason.INTERNAL, "internal error")
-    status = status_pb2.Status(code=getattr(code_pb2, error.status_code_name), message=error.message)
-    status.details.add().Pack(
-        error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN, metadata=error.metadata)
-    )
-    return status
-
-
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """AuditService over the ledger."""
 
@@ -135,9 +125,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self._audit = audit
         self._append_limit = Limit("audit_append", settings.append_per_minute, 60)
 
-    async def ListEvents(self, request: audit_pb2.ListEventsRequest, context: grpc.aio.ServicerContext):
+    async def ListEvents(
+        self, request: audit_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.ListEventsResponse:
         caller = current_caller()
-        size = page_size(request.page_size, default=50, maximum=1000)
+        size = page_size(request.page_size, AUDIT.list_events)
         query = event_query(request.filter)
         cursor = decode_page_token(request.page_token, _page_scope(query, caller))
         after = _sequence_cursor(cursor)
@@ -148,7 +140,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         token = encode_page_token([rows[size - 1].sequence], _page_scope(query, caller)) if len(rows) > size else ""
         return audit_pb2.ListEventsResponse(events=[event_message(r) for r in rows[:size]], next_page_token=token)
 
-    async def GetEvent(self, request: audit_pb2.GetEventRequest, context: grpc.aio.ServicerContext):
+    async def GetEvent(
+        self, request: audit_pb2.GetEventRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetEventResponse:
         caller = current_caller()
         try:
             event_id = str(uuid.UUID(request.event_id))
@@ -159,6 +153,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise not_found("event", event_id)
         return audit_pb2.GetEventResponse(event=event_message(row))
 
+    @ends_with_status(audit_pb2.ExportEventsResponse)
     async def ExportEvents(
         self, request: audit_pb2.ExportEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[audit_pb2.ExportEventsResponse]:
@@ -172,24 +167,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         await self._audit.record("audit.events.export", metadata=_export_facts(request, up_to))
         if visible is None:
             return
-        after, sent = request.after_sequence, 0
-        try:
-            while True:
-                rows = await self._store.list_events(visible, after, EXPORT_PAGE, up_to=up_to)
-                for row in rows:
-                    yield audit_pb2.ExportEventsResponse(event=event_message(row))
-                    sent += 1
-                if len(rows) < EXPORT_PAGE:
-                    return
-                after = rows[-1].sequence
-        except Exception as exc:
-            if not sent:
-                raise
-            # JSON clients read a stream as NDJSON over HTTP/1.1 and never see trailers: say it in a message.
-            yield audit_pb2.ExportEventsResponse(error=_error_status(exc))
-            raise
+        after = request.after_sequence
+        while True:
+            rows = await self._store.list_events(visible, after, EXPORT_PAGE, up_to=up_to)
+            for row in rows:
+                yield audit_pb2.ExportEventsResponse(event=event_message(row))
+            if len(rows) < EXPORT_PAGE:
+                return
+            after = rows[-1].sequence
 
-    async def AppendEvent(self, request: audit_pb2.AppendEventRequest, context: grpc.aio.ServicerContext):
+    async def AppendEvent(
+        self, request: audit_pb2.AppendEventRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.AppendEventResponse:
         caller = current_caller()
         if not request.HasField("event"):
             raise invalid("event", "required")
@@ -214,7 +203,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 retry_after_seconds=decision.retry_after,
             )  # fmt: skip
 
-    async def VerifyIntegrity(self, request: audit_pb2.VerifyIntegrityRequest, context: grpc.aio.ServicerContext):
+    async def VerifyIntegrity(
+        self, request: audit_pb2.VerifyIntegrityRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.VerifyIntegrityResponse:
         require_role("admin")
         check = IntegrityCheck(self._ledger, self._checkpoints.keys.public_keys, self._checkpoints.origin)
         report = await check.run(request.start_sequence, request.end_sequence)
@@ -234,13 +225,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             checkpoints_checked=report.checkpoints_checked,
         )
 
-    async def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext):
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetCheckpointResponse:
         current_caller()
         row = await self._checkpoints.current()
         public_key = self._checkpoints.keys.public_keys.get(row.key_id, b"")
         return audit_pb2.GetCheckpointResponse(checkpoint=checkpoint_message(row), public_key=public_key)
 
-    async def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext):
+    async def GetInclusionProof(
+        self, request: audit_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.GetInclusionProofResponse:
         caller = current_caller()
         proof = await self._ledger.inclusion_proof(request.sequence, request.tree_size)
         if not caller.can_oversee:
@@ -257,7 +252,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     async def GetConsistencyProof(
         self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.aio.ServicerContext
-    ):
+    ) -> audit_pb2.GetConsistencyProofResponse:
         current_caller()
         proof = await self._ledger.consistency_proof(request.old_size, request.new_size)
         return audit_pb2.GetConsistencyProofResponse(

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Table,
     Text,
     and_,
     insert,
@@ -40,7 +41,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.audit.events import EventQuery
 from services.core.db import Database, UTCDateTime, utcnow
-from services.core.ledger_proofs import ZERO_CHAIN
 
 # On PostgreSQL the action column sorts bytewise, so `LIKE 'prefix%'` uses its index.
 ACTION_TYPE = String(128).with_variant(String(128, collation="C"), "postgresql")
@@ -87,7 +87,7 @@ class LedgerRow(Base):
     )
 
 
-# The ledger's columns in canonical order (services/core/ledger_proofs.py); `scan` returns them in this order.
+# The ledger's columns in canonical order (services/audit/ledger_proofs.py); `scan` returns them in this order.
 CANONICAL_COLUMNS = (
     "sequence", "event_id", "event_time_us", "commit_time_us", "actor_id", "actor_email", "actor_role", "action",
     "resource_type", "resource_id", "outcome", "failure_reason", "request_id", "client_ip", "user_agent", "service",
@@ -154,8 +154,9 @@ class Head:
     frontier: bytes
 
 
-EMPTY_HEAD = Head(0, ZERO_CHAIN, b"")
-_LEDGER = LedgerRow.__table__
+# Bulk writes go to the tables (Core); declarative types `__table__` as the wider FromClause.
+_LEDGER = cast(Table, LedgerRow.__table__)
+_MERKLE_NODES = cast(Table, MerkleNodeRow.__table__)
 
 
 class AppendTransaction:
@@ -169,7 +170,7 @@ class AppendTransaction:
         """Those of `event_ids` already in the ledger (safe: no one else appends while the head is locked)."""
         if not event_ids:
             return set()
-        if self.session.bind.dialect.name == "postgresql":
+        if self.session.get_bind().dialect.name == "postgresql":
             # One array parameter: the same prepared statement for any batch size, planned as an index lookup.
             raw = await self._driver()
             return {r[0] for r in await raw.fetch("SELECT event_id FROM ledger WHERE event_id = ANY($1)", event_ids)}
@@ -184,14 +185,14 @@ class AppendTransaction:
     async def write(self, rows: list[tuple[Any, ...]], nodes: list[tuple[int, int, bytes]], head: Head) -> None:
         """Insert the numbered rows (values in LEDGER_COLUMNS order) and the completed nodes and move the head;
         commits when the block ends."""
-        if rows and self.session.bind.dialect.name == "postgresql":
+        if rows and self.session.get_bind().dialect.name == "postgresql":
             # COPY: several times cheaper per row than a multi-row INSERT, on the same connection and transaction.
             await (await self._driver()).copy_records_to_table("ledger", records=rows, columns=LEDGER_COLUMNS)
         elif rows:
             await self.session.execute(insert(_LEDGER), [dict(zip(LEDGER_COLUMNS, r, strict=True)) for r in rows])
         if nodes:
             await self.session.execute(
-                insert(MerkleNodeRow.__table__), [{"level": lv, "idx": i, "hash": h} for lv, i, h in nodes]
+                insert(_MERKLE_NODES), [{"level": lv, "idx": i, "hash": h} for lv, i, h in nodes]
             )
         await self.session.execute(
             update(HeadRow)
@@ -278,8 +279,9 @@ class AuditStore:
             if self.db.is_postgres:
                 # Verification reads every row: asyncpg's own records are about a third faster than rows built
                 # by SQLAlchemy.
-                raw = (await conn.get_raw_connection()).driver_connection
-                return await raw.fetch(sql, first, last)
+                raw: Any = (await conn.get_raw_connection()).driver_connection  # asyncpg's, untyped
+                records: Sequence[Sequence[Any]] = await raw.fetch(sql, first, last)
+                return records
             result = await conn.exec_driver_sql(sql.replace("$1", "?").replace("$2", "?"), (first, last))
             return result.all()
 

@@ -9,13 +9,14 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.auth.passwords import BLOCKING, MAX_LENGTH, PasswordHashing, Strength, check_strength
+from services.auth.passwords import BLOCKING, PasswordHashing, Strength, check_strength
 from services.auth.sessions import Sessions, TokenPair
 from services.auth.store import AuthStore, EmailTaken, UserPage, UserRow
 from services.core.audit_client import AuditClient
 from services.core.context import Caller
 from services.core.db import utcnow
 from services.core.errors import FieldViolation, Reason, ServiceError, invalid, not_found
+from services.core.limits import AUTH
 from services.core.ratelimit import Limit, RateLimiter
 from services.core.redis_store import StoreUnavailable
 
@@ -28,16 +29,16 @@ def normalise_email(email: str, field: str = "email") -> str:
     email = unicodedata.normalize("NFKC", email.strip()).lower()
     if not email:
         raise invalid(field, "required")
-    if len(email) > 254 or not _EMAIL.match(email):
+    if len(email) > AUTH.email_chars or not _EMAIL.match(email):
         raise invalid(field, "not a valid email address")
     return email
 
 
 def clean_name(name: str) -> str:
-    """A display name without control characters; at most 200 characters."""
+    """A display name without control characters; at most AUTH.full_name_chars."""
     name = "".join(ch for ch in unicodedata.normalize("NFKC", name) if unicodedata.category(ch)[0] != "C").strip()
-    if len(name) > 200:
-        raise invalid("full_name", "at most 200 characters")
+    if len(name) > AUTH.full_name_chars:
+        raise invalid("full_name", f"at most {AUTH.full_name_chars} characters")
     return name
 
 
@@ -45,8 +46,8 @@ def require_password(password: str, field: str) -> None:
     """Refuse empty and oversized passwords before anything expensive happens."""
     if not password:
         raise invalid(field, "required")
-    if len(password) > MAX_LENGTH:
-        raise invalid(field, f"at most {MAX_LENGTH} characters", "TOO_LONG")
+    if len(password) > AUTH.password_max_chars:
+        raise invalid(field, f"at most {AUTH.password_max_chars} characters", "TOO_LONG")
 
 
 def weak_password(field: str, strength: Strength) -> ServiceError:
@@ -258,6 +259,8 @@ class Accounts:
 
     def password_strength(self, password: str, email: str) -> Strength:
         """The policy's verdict on a candidate password (public; stores nothing)."""
+        if not password:
+            raise invalid("password", "required")
         return self._strength(password, email.strip().lower())
 
     async def list_users(
@@ -290,7 +293,7 @@ class Accounts:
         assert updated is not None
         if "role" in values or "active" in values:
             await self.sessions.revoke_all(user_id, "account_change")
-            changes = {k: str(values[k]).lower() for k in ("role", "active") if k in values}
+            changes: dict[str, str] = {k: str(values[k]).lower() for k in ("role", "active") if k in values}
             await self._audit.record("auth.user.update", resource_type="user", resource_id=user_id, metadata=changes)
         return updated
 
@@ -317,7 +320,7 @@ class Accounts:
         """Make an existing account an active admin, its password unchanged (CLI only); NOT_FOUND otherwise."""
         existing = await self._store.user_by_email(normalise_email(email))
         user = await self._store.update_user(existing.id, role="admin", active=True) if existing else None
-        if user is None:
+        if existing is None or user is None:
             raise not_found("user", email)
         await self._audit.record(
             "auth.user.promote_admin", actor_id="cli", actor_role="service", resource_type="user", resource_id=user.id,

@@ -18,8 +18,8 @@ from importlib import resources
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-MIN_LENGTH = 12
-MAX_LENGTH = 128
+from services.core.limits import AUTH
+
 # Problems that make a password unacceptable whatever its score.
 BLOCKING = frozenset({"TOO_SHORT", "TOO_LONG", "COMMON_PASSWORD", "CONTAINS_EMAIL"})
 
@@ -100,15 +100,15 @@ def _longest_dictionary_word(lowered: str) -> int:
 
 
 def check_strength(password: str, email: str = "", min_score: int = 50) -> Strength:
-    """Score `password` (0-100) and list its problems. Only the first 1,024 characters are examined."""
-    password = unicodedata.normalize("NFKC", password[:1024])
+    """Score `password` (0-100) and list its problems. Only the first AUTH.strength_examined_chars are examined."""
+    password = unicodedata.normalize("NFKC", password[: AUTH.strength_examined_chars])
     lowered = password.lower()
     problems: list[Problem] = []
     length = len(password)
-    if length < MIN_LENGTH:
-        problems.append(Problem("TOO_SHORT", f"use at least {MIN_LENGTH} characters"))
-    if length > MAX_LENGTH:
-        problems.append(Problem("TOO_LONG", f"use at most {MAX_LENGTH} characters"))
+    if length < AUTH.password_min_chars:
+        problems.append(Problem("TOO_SHORT", f"use at least {AUTH.password_min_chars} characters"))
+    if length > AUTH.password_max_chars:
+        problems.append(Problem("TOO_LONG", f"use at most {AUTH.password_max_chars} characters"))
     if lowered in common_passwords():
         problems.append(Problem("COMMON_PASSWORD", "this is one of the most common passwords"))
     local_part = email.strip().lower().partition("@")[0]

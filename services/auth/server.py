@@ -7,6 +7,7 @@ import contextlib
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,6 +21,7 @@ from services.core import registry
 from services.core.context import current_caller, current_request, require_role
 from services.core.db import Database
 from services.core.errors import invalid
+from services.core.limits import AUTH
 from services.core.pagination import decode_time_cursor, encode_time_cursor, page_size
 from services.core.ratelimit import Limit
 from services.core.runtime import Runtime
@@ -55,7 +57,7 @@ def _client_ip() -> str:
     return info.client_ip if info else ""
 
 
-def _pair_fields(pair: TokenPair) -> dict:
+def _pair_fields(pair: TokenPair) -> dict[str, Any]:
     return {
         "access_token": pair.access_token,
         "refresh_token": pair.refresh_token,
@@ -80,44 +82,62 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self._accounts = accounts
         self._keys = keys
 
-    async def Register(self, request: auth_pb2.RegisterRequest, context: grpc.aio.ServicerContext):
+    async def Register(
+        self, request: auth_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RegisterResponse:
         user = await self._accounts.register(request.email, request.password, request.full_name, _client_ip())
         return auth_pb2.RegisterResponse(user=user_message(user))
 
-    async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext):
+    async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext) -> auth_pb2.LoginResponse:
         pair, user = await self._accounts.login(request.email, request.password, _client_ip())
         return auth_pb2.LoginResponse(**_pair_fields(pair), user=user_message(user))
 
-    async def RefreshToken(self, request: auth_pb2.RefreshTokenRequest, context: grpc.aio.ServicerContext):
+    async def RefreshToken(
+        self, request: auth_pb2.RefreshTokenRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RefreshTokenResponse:
         pair = await self._accounts.refresh(request.refresh_token, _client_ip())
         return auth_pb2.RefreshTokenResponse(**_pair_fields(pair))
 
-    async def Logout(self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext):
+    async def Logout(
+        self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.LogoutResponse:
         await self._accounts.logout(current_caller(), request.refresh_token)
         return auth_pb2.LogoutResponse()
 
-    async def RevokeAllSessions(self, request, context):
+    async def RevokeAllSessions(
+        self, request: auth_pb2.RevokeAllSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RevokeAllSessionsResponse:
         cutoff = await self._accounts.revoke_all(current_caller())
         return auth_pb2.RevokeAllSessionsResponse(revoke_time=to_timestamp(cutoff))
 
-    async def GetCurrentUser(self, request, context):
+    async def GetCurrentUser(
+        self, request: auth_pb2.GetCurrentUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.GetCurrentUserResponse:
         return auth_pb2.GetCurrentUserResponse(user=user_message(await self._accounts.current_user(current_caller())))
 
-    async def ChangePassword(self, request: auth_pb2.ChangePasswordRequest, context):
+    async def ChangePassword(
+        self, request: auth_pb2.ChangePasswordRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ChangePasswordResponse:
         cutoff = await self._accounts.change_password(
             current_caller(), request.current_password, request.new_password, _client_ip()
         )
         return auth_pb2.ChangePasswordResponse(revoke_time=to_timestamp(cutoff))
 
-    async def CheckPasswordStrength(self, request: auth_pb2.CheckPasswordStrengthRequest, context):
+    async def CheckPasswordStrength(
+        self, request: auth_pb2.CheckPasswordStrengthRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CheckPasswordStrengthResponse:
         return _strength_message(self._accounts.password_strength(request.password, request.email))
 
-    async def GetJwks(self, request, context):
+    async def GetJwks(
+        self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(keys=[auth_pb2.JsonWebKey(**k) for k in self._keys.jwks()])
 
-    async def ListUsers(self, request: auth_pb2.ListUsersRequest, context):
+    async def ListUsers(
+        self, request: auth_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListUsersResponse:
         require_role("admin", "viewer")
-        size = page_size(request.page_size, default=50, maximum=1000)
+        size = page_size(request.page_size, AUTH.list_users)
         role = _ROLE_FROM_PROTO.get(request.role) if request.role else None
         active = request.active if request.HasField("active") else None
         query = {"role": role, "active": active}
@@ -128,7 +148,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             token = encode_time_cursor(page.users[-1].created_at, page.users[-1].id, query)
         return auth_pb2.ListUsersResponse(users=[user_message(u) for u in page.users], next_page_token=token)
 
-    async def UpdateUser(self, request: auth_pb2.UpdateUserRequest, context):
+    async def UpdateUser(
+        self, request: auth_pb2.UpdateUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.UpdateUserResponse:
         caller = require_role("admin")
         paths = set(request.update_mask.paths)
         if not request.user.id:

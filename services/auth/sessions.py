@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
+
+import jwt
 
 from services.auth.keys import SigningKeyRing
 from services.auth.store import AuthStore, TokenFamilyRow, UserRow
@@ -119,8 +123,8 @@ class Sessions:
             max(0, int((refresh_exp - now).total_seconds())),
         )
 
-    def _decode_refresh(self, token: str) -> dict:
-        def key_for(kid: str):
+    def _decode_refresh(self, token: str) -> dict[str, Any]:
+        def key_for(kid: str) -> jwt.PyJWK:
             key = self._keys.public_key(kid)
             if key is None:
                 raise ServiceError(Reason.TOKEN_INVALID, "token signed by an unknown key")
@@ -192,7 +196,7 @@ class Sessions:
         await self._revoke(self._revocations.revoke_user_before(user_id, epoch_ms(cutoff), self._revocation_ttl))
         return cutoff
 
-    async def _revoke(self, write) -> None:
+    async def _revoke(self, write: Awaitable[None]) -> None:
         # The database already holds the revocation; a Redis outage only delays it for access tokens, which is
         # logged and audited (fail-open), never an error for the user who is logging out.
         try:

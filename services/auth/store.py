@@ -15,7 +15,6 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
-    func,
     or_,
     select,
     update,
@@ -23,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.core.db import Database, UTCDateTime, utcnow
+from services.core.db import Database, UTCDateTime, rows_matched, utcnow
 
 
 class Base(DeclarativeBase):
@@ -163,13 +162,6 @@ class AuthStore:
             rows = list(await s.scalars(query))
         return UserPage(rows[:limit], len(rows) > limit)
 
-    async def count_admins(self) -> int:
-        """Active admins."""
-        async with self.db.session() as s:
-            return int(
-                await s.scalar(select(func.count()).where(UserRow.role == "admin", UserRow.active.is_(True))) or 0
-            )
-
     # signing keys
 
     async def signing_keys(self) -> list[SigningKeyRow]:
@@ -225,7 +217,7 @@ class AuthStore:
                 .where(RefreshTokenRow.jti == jti, RefreshTokenRow.used_at.is_(None))
                 .values(used_at=utcnow())
             )
-            return result.rowcount == 1
+            return rows_matched(result) == 1
 
     async def revoke_family(self, family_id: str, reason: str) -> TokenFamilyRow | None:
         """Revoke one session; returns it."""

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 from google.protobuf import descriptor_pb2
+from google.rpc import code_pb2
 
 from services.core import registry
+from services.core.errors import STATUS_CODE, Reason
 from services.core.settings import ROOT, CoreSettings, local_address
 
 DESCRIPTOR = ROOT / "gen" / "voiceassist.binpb"
@@ -35,15 +37,18 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 # Proxy-made replies (no route, malformed JSON, upstream down, ...) as JSON google.rpc.Status, like the
 # transcoder's own errors: HTTP status -> (gRPC code, ErrorInfo reason).
 _LOCAL_REPLIES = {
-    400: (3, "VALIDATION_ERROR"),
-    401: (16, "UNAUTHENTICATED"),
-    403: (7, "PERMISSION_DENIED"),
-    404: (5, "NOT_FOUND"),
-    413: (8, "PAYLOAD_TOO_LARGE"),
-    429: (8, "RATE_LIMITED"),
-    431: (8, "HEADERS_TOO_LARGE"),
-    503: (14, "BACKEND_UNAVAILABLE"),
-    504: (4, "DEADLINE_EXCEEDED"),
+    status: (code_pb2.Code.Value(STATUS_CODE[reason]), reason.value)
+    for status, reason in {
+        400: Reason.VALIDATION_ERROR,
+        401: Reason.UNAUTHENTICATED,
+        403: Reason.PERMISSION_DENIED,
+        404: Reason.NOT_FOUND,
+        413: Reason.PAYLOAD_TOO_LARGE,
+        429: Reason.RATE_LIMITED,
+        431: Reason.HEADERS_TOO_LARGE,
+        503: Reason.BACKEND_UNAVAILABLE,
+        504: Reason.DEADLINE_EXCEEDED,
+    }.items()
 }
 
 

@@ -25,12 +25,13 @@ import itertools
 import keyword
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import betterproto2
 import grpc
+from betterproto2.casing import safe_snake_case
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import ControlPlane
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
@@ -73,14 +74,17 @@ for _module in _EXTENSIONS:
     importlib.import_module(f"envoy_data_plane.{_module}")
 
 
-def _field_name(key: str, _snake_case: Callable[[str], str] = betterproto2.safe_snake_case) -> str:
-    return key if key.islower() and key.isidentifier() and not keyword.iskeyword(key) else _snake_case(key)
+def _field_name(value: str) -> str:
+    if value.islower() and value.isidentifier() and not keyword.iskeyword(value):
+        return value
+    return safe_snake_case(value)
 
 
 # betterproto2 0.9 turns every key of a dict into a Python field name by re-casing it, which breaks fields with a
 # digit before a letter: Envoy's `consecutive_5xx` becomes `consecutive_5_xx`, an unknown field. Our resources are
-# written with proto field names already (snake case), so those are taken as they are.
-betterproto2.safe_snake_case = _field_name
+# written with proto field names already (snake case), so those are taken as they are. betterproto2 looks the
+# function up among its package's globals, where it is imported but not exported: hence the ignore.
+betterproto2.safe_snake_case = _field_name  # type: ignore[attr-defined]
 
 XDS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -225,8 +229,11 @@ class SnapshotCache:
                 await asyncio.wait_for(self._acks.wait_for(lambda: counts()[1] == 0), wait_seconds)
             return counts()
 
-    async def stream(self, requests: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
-                     ) -> AsyncIterator[DiscoveryResponse]:  # fmt: skip
+    async def stream(
+        self,
+        requests: AsyncIterator[DiscoveryRequest],
+        context: grpc.aio.ServicerContext[DiscoveryRequest, DiscoveryResponse],
+    ) -> AsyncIterator[DiscoveryResponse]:
         """StreamAggregatedResources: serve one Envoy for as long as it stays connected."""
         stream = _Stream(context.peer())
         self.begin_warm_up()

@@ -106,7 +106,7 @@ class Announcer:
         if self._channel is not None:
             await self._channel.close()
 
-    async def _set(self, state: int) -> None:
+    async def _set(self, state: control_pb2.EndpointState) -> None:
         async with self._changed:
             if self._state != WITHDRAWN:
                 self._state = state

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from services.core.context import Caller, current_request
 from services.core.errors import FieldViolation, Reason, ServiceError
+from services.core.limits import AUDIT
 from services.core.redis_store import REDIS_ERRORS, RedisConnection
 from voiceassist.audit.v1 import audit_pb2
 
@@ -40,9 +41,6 @@ log = logging.getLogger("voiceassist.audit")
 
 STREAM = "audit.events"  # under REDIS_KEY_PREFIX
 STREAM_FIELD = b"event"  # each stream entry: {event: serialized audit_pb2.Event}
-MAX_METADATA_ENTRIES = 32
-MAX_METADATA_KEY = 64
-MAX_METADATA_VALUE = 1024
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")  # ASCII, so every verifier sorts keys the same way
 # Keys that would put PHI or secrets in the ledger; refused outright, whatever the value.
 FORBIDDEN_METADATA_KEYS = frozenset(
@@ -90,15 +88,15 @@ def check_metadata(metadata: dict[str, str], field: str = "metadata") -> dict[st
             Reason.VALIDATION_ERROR, f"{field}: {description}", violations=[FieldViolation(field, description, reason)]
         )
 
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        raise refuse(f"at most {MAX_METADATA_ENTRIES} entries", "TOO_MANY_ENTRIES")
+    if len(metadata) > AUDIT.metadata_entries:
+        raise refuse(f"at most {AUDIT.metadata_entries} entries", "TOO_MANY_ENTRIES")
     for key, value in metadata.items():
-        if not METADATA_KEY.match(key) or len(key) > MAX_METADATA_KEY:
-            raise refuse(f"key {key[:64]!r} must be 1-{MAX_METADATA_KEY} of A-Z a-z 0-9 _ . -", "BAD_KEY")
+        if not METADATA_KEY.match(key) or len(key) > AUDIT.metadata_key_chars:
+            raise refuse(f"key {key[:64]!r} must be 1-{AUDIT.metadata_key_chars} of A-Z a-z 0-9 _ . -", "BAD_KEY")
         if key.lower() in FORBIDDEN_METADATA_KEYS:
             raise refuse(f"key {key!r} may carry PHI or secrets", "FORBIDDEN_KEY")
-        if len(value) > MAX_METADATA_VALUE:
-            raise refuse(f"value of {key!r} longer than {MAX_METADATA_VALUE} characters", "VALUE_TOO_LONG")
+        if len(value) > AUDIT.metadata_value_chars:
+            raise refuse(f"value of {key!r} longer than {AUDIT.metadata_value_chars} characters", "VALUE_TOO_LONG")
     return metadata
 
 
@@ -130,7 +128,7 @@ class BufferedSink:
         self._buffer: deque[Pending] = deque()
         self._max = max_buffered
         self._wakeup = asyncio.Event()
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._outage_since: float | None = None
 
     async def _deliver(self, batch: list[Pending]) -> int:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
 from services.core.audit_client import DROPPED, SENT, BufferedSink, Pending
 from services.core.context import current_request
-from voiceassist.audit.v1 import audit_pb2
+from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger("voiceassist.audit")
 
@@ -29,7 +28,7 @@ class RpcSink(BufferedSink):
 
     transport = "rpc"
 
-    def __init__(self, stub: Callable[[], Any], max_buffered: int) -> None:
+    def __init__(self, stub: Callable[[], audit_pb2_grpc.AuditServiceStub], max_buffered: int) -> None:
         super().__init__(max_buffered)
         self._stub = stub
 

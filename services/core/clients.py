@@ -6,15 +6,21 @@ their bearer token, so the downstream service authorises the same user and logs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 
 from services.core.context import current_request
 
+# Each intercept method is generic over the call's message types (as grpc.aio declares them).
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+# What a streaming call sends: grpc.aio accepts either kind of iterable.
+_Requests = AsyncIterable[_Request] | Iterable[_Request]
 
-def forwarded_metadata(metadata: Any) -> list[tuple[str, str]]:
+
+def forwarded_metadata(metadata: grpc.aio.Metadata | None) -> list[tuple[str, str | bytes]]:
     """`metadata` plus the current request's id and bearer token, unless already present."""
     pairs = list(metadata or ())
     keys = {k for k, _ in pairs}
@@ -28,27 +34,62 @@ def forwarded_metadata(metadata: Any) -> list[tuple[str, str]]:
 
 
 def _forwarding(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    return details._replace(metadata=grpc.aio.Metadata(*forwarded_metadata(details.metadata)))
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=grpc.aio.Metadata(*forwarded_metadata(details.metadata)),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
 
 
 # grpc.aio files an interceptor under the first call type it implements only, so each type needs its own class.
 class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[override]
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _Request], Awaitable[grpc.aio.UnaryUnaryCall[_Request, _Response]]
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> grpc.aio.UnaryUnaryCall[_Request, _Response]:
         return await continuation(_forwarding(details), request)
 
 
 class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[override]
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _Request], Awaitable[grpc.aio.UnaryStreamCall[_Request, _Response]]
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> grpc.aio.UnaryStreamCall[_Request, _Response]:
         return await continuation(_forwarding(details), request)
 
 
 class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[override]
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _Requests[_Request]], Awaitable[grpc.aio.StreamUnaryCall[_Request, _Response]]
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request_iterator: _Requests[_Request],
+    ) -> grpc.aio.StreamUnaryCall[_Request, _Response]:
         return await continuation(_forwarding(details), request_iterator)
 
 
 class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[override]
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _Requests[_Request]],
+            Awaitable[grpc.aio.StreamStreamCall[_Request, _Response]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request_iterator: _Requests[_Request],
+    ) -> grpc.aio.StreamStreamCall[_Request, _Response]:
         return await continuation(_forwarding(details), request_iterator)
 
 

@@ -25,11 +25,6 @@ class Caller:
     expires_at: datetime | None = None
 
     @property
-    def is_admin(self) -> bool:
-        """Admins manage accounts and the knowledge base."""
-        return self.role == "admin"
-
-    @property
     def can_oversee(self) -> bool:
         """Admins and viewers may read everyone's audit trail and list accounts."""
         return self.role in ("admin", "viewer")

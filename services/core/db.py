@@ -13,9 +13,9 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import DateTime, Executable, MetaData, Row, event, text
+from sqlalchemy import CursorResult, DateTime, Executable, MetaData, Result, Row, event, text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -31,7 +31,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class UTCDateTime(TypeDecorator):
+def rows_matched(result: Result[*tuple[Any, ...]]) -> int:
+    """How many rows an executed UPDATE or DELETE matched. Its result is a CursorResult, which only
+    `Session.execute`'s declared return type hides."""
+    return cast(CursorResult[*tuple[Any, ...]], result).rowcount
+
+
+class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored with its timezone and always read back as aware UTC (SQLite forgets the zone)."""
 
     impl = DateTime(timezone=True)
@@ -83,7 +89,7 @@ class Database:
         """True in mesh mode."""
         return self.engine.dialect.name == "postgresql"
 
-    async def fetch_one(self, statement: Executable, params: dict[str, Any]) -> Row | None:
+    async def fetch_one(self, statement: Executable, params: dict[str, Any]) -> Row[*tuple[Any, ...]] | None:
         """The first row of a single-statement read, in autocommit: no BEGIN and ROLLBACK round trips around it
         (for the hottest reads; anything that reads twice or writes takes a session)."""
         async with self.engine.connect() as conn:

@@ -1,9 +1,10 @@
 """Errors every service raises: one enum of stable reasons, one exception that carries them.
 
-Domain code raises `ServiceError(Reason.X, "message", ...)` without importing grpc; the error interceptor
-(`services.core.interceptors`) turns it into a gRPC status with `google.rpc.ErrorInfo` (reason, domain = the
-service, metadata), plus `BadRequest` field violations or `RetryInfo` when given. Messages and metadata reach
-the client: never put PHI or secrets in them.
+Domain code raises `ServiceError(Reason.X, "message", ...)` without importing grpc; the codec in
+`services.core.status` turns it into a `google.rpc.Status` with `ErrorInfo` (reason, domain = the service,
+metadata), plus `BadRequest` field violations or `RetryInfo` when given: a call's status (the interceptor) or a
+stream's last message, and parses one back on the client side. Messages and metadata reach the client: never put
+PHI or secrets in them. Every reason a service can return is listed in its proto (tests/unit/test_contracts.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Reason(StrEnum):
     DUPLICATE_DOCUMENT = "DUPLICATE_DOCUMENT"
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
@@ -62,6 +64,7 @@ STATUS_CODE: dict[Reason, str] = {
     Reason.DUPLICATE_DOCUMENT: "ALREADY_EXISTS",
     Reason.UNSUPPORTED_MEDIA_TYPE: "INVALID_ARGUMENT",
     Reason.PAYLOAD_TOO_LARGE: "RESOURCE_EXHAUSTED",
+    Reason.HEADERS_TOO_LARGE: "RESOURCE_EXHAUSTED",
     Reason.INVALID_PAGE_TOKEN: "INVALID_ARGUMENT",
     Reason.OUT_OF_RANGE: "OUT_OF_RANGE",
     Reason.FAILED_PRECONDITION: "FAILED_PRECONDITION",

@@ -21,13 +21,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from services.core import metrics, registry
 from services.core.context import Caller, RequestInfo, current_request, request_id, set_request
 from services.core.errors import Reason, ServiceError
+from services.core.status import client_error, to_grpc_status
 
 log = logging.getLogger("voiceassist.rpc")
 
@@ -67,13 +65,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._domain_of = domain_of
         self._slow = slow_call_seconds
         # method -> (the registered handler, its wrapped twin); methods are finite (unknown ones have no handler).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return None
@@ -83,7 +81,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             self._wrapped[details.method] = cached
         return cached[1]
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
@@ -91,20 +89,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         else:  # pragma: no cover - grpc always sets one
             return handler
         call = _Call(self, method, streaming_requests=kind.startswith("stream_"))
+        # Handlers and statuses are namedtuples at run time; grpc's stubs declare them without `_replace`.
         if handler.request_deserializer is not None:
-            handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+            handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))  # type: ignore[attr-defined]
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 async for item in call.stream(behavior, request, context):
                     yield item
 
-            return handler._replace(**{kind: stream})
+            return handler._replace(**{kind: stream})  # type: ignore[attr-defined, no-any-return]
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await call.unary(behavior, request, context)
 
-        return handler._replace(**{kind: unary})
+        return handler._replace(**{kind: unary})  # type: ignore[attr-defined, no-any-return]
 
     def client_ip(self, peer_ip: str, forwarded_for: str) -> str:
         """The client's address: the x-forwarded-for entry Envoy appended (the last one) when the peer is a
@@ -136,17 +135,19 @@ class _Call:
         self.seconds = metrics.RPC_SECONDS.labels(service, name)
         self.handled = {code: metrics.RPC_HANDLED.labels(service, name, code.name) for code in grpc.StatusCode}
 
-    def _begin(self, context: grpc.aio.ServicerContext) -> tuple[RequestInfo, str]:
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[RequestInfo, str]:
         """Make the call's facts the current request; returns them and the bearer token ("" when none)."""
         rid = forwarded = agent = token = ""
         for key, value in context.invocation_metadata() or ():
+            if not isinstance(value, str):  # binary ("-bin") metadata
+                continue
             if key == "x-request-id":
                 rid = value[:128]
             elif key == "x-forwarded-for":
                 forwarded = value
             elif key == "user-agent":
                 agent = value[:512]
-            elif key == "authorization" and isinstance(value, str):
+            elif key == "authorization":
                 scheme, _, credentials = value.partition(" ")
                 if scheme.lower() == "bearer":
                     token = credentials.strip()
@@ -166,7 +167,9 @@ class _Call:
             raise ServiceError(Reason.UNAUTHENTICATED, "missing access token (authorization: Bearer ...)")
         set_request(replace(info, caller=await self.owner._verifier.verify(token), bearer_token=token))
 
-    async def unary(self, behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(
+        self, behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         started = time.perf_counter()
         info, token = self._begin(context)
         self.in_flight.inc()
@@ -186,7 +189,7 @@ class _Call:
             self._finish(context, started, failed)
 
     async def stream(
-        self, behavior: Callable[..., AsyncIterator[Any]], request: Any, context: grpc.aio.ServicerContext
+        self, behavior: Callable[..., AsyncIterator[Any]], request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         started = time.perf_counter()
         info, token = self._begin(context)
@@ -214,23 +217,15 @@ class _Call:
             raise request.error()
         return request
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         """Answer with the error's rich status; anything unexpected is INTERNAL, with the request id only (the
         exception goes to the log, never to the client)."""
-        if isinstance(exc, ServiceError):
-            error = exc
-        else:
-            log.exception("unhandled error in %s", self.method)
-            error = ServiceError(
-                Reason.INTERNAL,
-                f"internal error; request id {request_id()}",
-                metadata={"request_id": request_id()},
-            )
-        status = rich_status(error, self.domain)
+        status = to_grpc_status(client_error(exc), self.domain)
         trailers = (*status.trailing_metadata, (_REQUEST_ID, request_id()))
-        await context.abort_with_status(status._replace(trailing_metadata=trailers))
+        # a namedtuple at run time, like the handlers (see _wrap)
+        await context.abort_with_status(status._replace(trailing_metadata=trailers))  # type: ignore[attr-defined]
 
-    def _finish(self, context: grpc.aio.ServicerContext, started: float, failed: bool) -> None:
+    def _finish(self, context: grpc.aio.ServicerContext[Any, Any], started: float, failed: bool) -> None:
         code = context.code()
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
@@ -295,29 +290,3 @@ def _peer_ip(peer: str | None) -> str:
     _, _, rest = peer.partition(":")
     host, _, _ = rest.rpartition(":")
     return host.strip("[]")
-
-
-def rich_status(error: ServiceError, domain: str) -> grpc.Status:
-    """A gRPC status carrying google.rpc.ErrorInfo and, when given, BadRequest or RetryInfo."""
-    code = grpc.StatusCode[error.status_code_name]
-    info = error_details_pb2.ErrorInfo(reason=error.reason.value, domain=domain, metadata=error.metadata)
-    details = [info]
-    if error.violations:
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason
-                    )
-                    for v in error.violations
-                ]
-            )
-        )
-    if error.retry_after_seconds is not None:
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(error.retry_after_seconds * 1000))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message)
-    for detail in details:
-        status.details.add().Pack(detail)
-    return rpc_status.to_status(status)

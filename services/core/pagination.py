@@ -15,13 +15,14 @@ from datetime import datetime
 from typing import Any
 
 from services.core.errors import Reason, ServiceError, invalid
+from services.core.limits import Page
 
 
-def page_size(requested: int, *, default: int, maximum: int, field: str = "page_size") -> int:
-    """`requested`, or the default when 0, lowered to the maximum; negative sizes are a client error."""
+def page_size(requested: int, page: Page, field: str = "page_size") -> int:
+    """`requested`, or the page's default when 0, lowered to its maximum; negative sizes are a client error."""
     if requested < 0:
         raise invalid(field, "must not be negative")
-    return min(requested or default, maximum)
+    return min(requested or page.default, page.maximum)
 
 
 def _fingerprint(query: dict[str, Any]) -> str:

@@ -12,11 +12,20 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import XReadGroupResponse
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 DOWN_SECONDS = 1.0
+
+
+def stream_entries(reply: XReadGroupResponse | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The (id, fields) entries of an XREADGROUP reply, over all its streams. Our clients speak RESP2 and
+    do not decode: the reply is a list of [stream, entries] pairs of bytes (RESP3 would answer a dict)."""
+    if isinstance(reply, dict):
+        raise TypeError("XREADGROUP answered in RESP3; the clients here speak RESP2")
+    return [entry for _stream, entries in reply or [] for entry in entries]
 
 
 class StoreUnavailable(Exception):

@@ -87,7 +87,6 @@ PUBLIC_METHODS: frozenset[str] = frozenset(
 # Envoy, endpoint announcements from workers) are not user calls either: they stay on the private network, and
 # carry no user token.
 HEALTH_SERVICE = "grpc.health.v1.Health"
-REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 INFRASTRUCTURE_PREFIXES = (
     "/grpc.health.v1.",
     "/grpc.reflection.",

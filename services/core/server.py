@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.core import interceptors, registry
+from services.core import interceptors, registry, status
 from services.core.announcer import Announcer
 from services.core.errors import Reason, ServiceError
 from services.core.logs import configure_logging
@@ -68,13 +68,19 @@ class MeshHealthServicer(HealthServicer):
         super().__init__()
         self._runtime = runtime
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> health_pb2.HealthCheckResponse:
         owner = registry.BY_GRPC_SERVICE.get(request.service)
         if owner is None or owner.name in self._runtime.hosted:
             return await super().Check(request, context)
         stub = health_pb2_grpc.HealthStub(self._runtime.channels.get(owner.name))
         try:
-            return await stub.Check(request, timeout=2.0)
+            # types-grpcio-health-checking declares HealthStub without its methods (the generated class adds them).
+            reply: health_pb2.HealthCheckResponse = await stub.Check(request, timeout=2.0)  # type: ignore[attr-defined]
+            return reply
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return health_pb2.HealthCheckResponse(status=NOT_SERVING)
@@ -102,12 +108,6 @@ def server_options(settings: CoreSettings) -> list[tuple[str, int]]:
     ]
 
 
-def _domain_of(method: str) -> str:
-    service = method.split("/")[1] if method.count("/") >= 2 else ""
-    spec = registry.BY_GRPC_SERVICE.get(service)
-    return f"{spec.name}.voiceassist" if spec else "voiceassist"
-
-
 class StartupRefused(RuntimeError):
     """The server cannot start as configured; the message says why, for the operator."""
 
@@ -123,7 +123,7 @@ def new_server(runtime: Runtime) -> grpc.aio.Server:
             interceptors.CallInterceptor(
                 runtime.token_verifier,
                 trusted_proxies=runtime.settings.trusted_proxies,
-                domain_of=_domain_of,
+                domain_of=status.method_domain,
                 slow_call_seconds=runtime.settings.log_slow_call_seconds,
             )
         ],

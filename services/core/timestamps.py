@@ -14,10 +14,3 @@ def to_timestamp(moment: datetime | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromDatetime(moment.astimezone(UTC))
     return stamp
-
-
-def from_timestamp(stamp: Timestamp, present: bool = True) -> datetime | None:
-    """An aware UTC datetime, or None when the field is unset."""
-    if not present or (stamp.seconds == 0 and stamp.nanos == 0):
-        return None
-    return stamp.ToDatetime(tzinfo=UTC)

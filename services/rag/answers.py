@@ -1,44 +1,36 @@
 """The answer pipeline: PHI detection, knowledge base search, model routing, generation with citations, storage.
 
 `AnswerService.stream` yields text deltas, then the citations, then the stored answer; `ask` is the same pipeline
-collected. A client message id makes a question idempotent: the first request stores the question with a lease on
-writing its answer; a repeat (or a concurrent duplicate) waits for that answer and replays it; if the lease runs out
-(the worker crashed) or is released (the answer failed), the repeat takes the question over. Audit events say what
-happened (model, routing rule, PHI categories, counts) and never carry the question or answer text.
+collected. A client message id makes a question idempotent (see idempotency.py): a repeat replays the stored answer.
+Audit events say what happened (model, routing rule, PHI categories, counts) and never carry the question or answer
+text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
 from services.core.audit_client import AuditClient
 from services.core.context import Caller
-from services.core.db import utcnow
-from services.core.errors import Reason, ServiceError, invalid, not_found
+from services.core.errors import Reason, ServiceError, invalid
+from services.core.limits import RAG, SEARCH
 from services.rag.chat_client import ChatClient, ModelStreamBroken, ModelUnavailable
 from services.rag.conversations import Conversations, clean_specialty, clean_text, settings_of
 from services.rag.extractive import ExtractiveGenerator
+from services.rag.idempotency import AnswerLease, Exchange
 from services.rag.phi import PhiScanner, PhiType, names_checkable
 from services.rag.prompts import AnswerStyle, ClinicalContext, PromptInput, Turn, build_messages
 from services.rag.retrieval import Passage, RetrievalFailed, Retriever
 from services.rag.routing import ModelKind, Route, plan_routes
-from services.rag.store import ConversationGone, ConversationRow, MessageRow, RagStore
+from services.rag.store import ConversationRow, MessageRow, RagStore
 
-MAX_QUERY = 4000
-MAX_SEARCH_QUERY = 2000  # the search service's limit
-MAX_CLIENT_MESSAGE_ID = 128
-MAX_NOTES = 2000
-MAX_LIST_ITEMS = 50
-MAX_ITEM = 200
 SNIPPET_CHARS = 500
-POLL_SECONDS = 0.1
 _MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 
 
@@ -144,40 +136,41 @@ class ChatWriter:
         return self.client.stream(build_messages(prompt))
 
 
-def _bounded_items(items: list[str], field: str) -> tuple[str, ...]:
-    if len(items) > MAX_LIST_ITEMS:
-        raise invalid(field, f"at most {MAX_LIST_ITEMS} entries")
-    return tuple(v for v in (clean_text(i, field, MAX_ITEM, single_line=True) for i in items) if v)
+def _bounded_items(items: Sequence[str], field: str) -> tuple[str, ...]:
+    if len(items) > RAG.context_items:
+        raise invalid(field, f"at most {RAG.context_items} entries")
+    return tuple(v for v in (clean_text(i, field, RAG.context_item_chars, single_line=True) for i in items) if v)
+
+
+def _clean_context(context: ClinicalContext) -> ClinicalContext | None:
+    """The clinical context with its fields bounded and trimmed; None when nothing is left."""
+    if not 0 <= context.age <= RAG.context_max_age:
+        raise invalid("clinical_context.age", f"must be between 0 and {RAG.context_max_age}")
+    clean = ClinicalContext(
+        specialty=clean_specialty(context.specialty, "clinical_context.specialty"),
+        age=context.age,
+        sex=clean_text(context.sex, "clinical_context.sex", RAG.context_sex_chars, single_line=True),
+        medications=_bounded_items(context.medications, "clinical_context.medications"),
+        conditions=_bounded_items(context.conditions, "clinical_context.conditions"),
+        allergies=_bounded_items(context.allergies, "clinical_context.allergies"),
+        notes=clean_text(context.notes, "clinical_context.notes", RAG.context_notes_chars),
+    )
+    return None if clean == ClinicalContext() else clean
 
 
 def make_question(
     conversation_id: str,
     query: str,
     client_message_id: str,
-    context: dict | None,
+    context: ClinicalContext | None,
 ) -> Question:
-    """A validated Question. `context` holds ClinicalContext's fields (lists as lists) or is None."""
-    query = clean_text(query, "query", MAX_QUERY)
+    """A validated Question; `context` as the client sent it (None when it sent none)."""
+    query = clean_text(query, "query", RAG.question_chars)
     if not query:
         raise invalid("query", "required")
-    if len(client_message_id) > MAX_CLIENT_MESSAGE_ID or not client_message_id.isprintable():
-        raise invalid("client_message_id", f"at most {MAX_CLIENT_MESSAGE_ID} printable characters")
-    clinical = None
-    if context:
-        age = int(context.get("age", 0))
-        if not 0 <= age <= 150:
-            raise invalid("clinical_context.age", "must be between 0 and 150")
-        clinical = ClinicalContext(
-            specialty=clean_specialty(context.get("specialty", ""), "clinical_context.specialty"),
-            age=age,
-            sex=clean_text(context.get("sex", ""), "clinical_context.sex", 32, single_line=True),
-            medications=_bounded_items(list(context.get("medications", ())), "clinical_context.medications"),
-            conditions=_bounded_items(list(context.get("conditions", ())), "clinical_context.conditions"),
-            allergies=_bounded_items(list(context.get("allergies", ())), "clinical_context.allergies"),
-            notes=clean_text(context.get("notes", ""), "clinical_context.notes", MAX_NOTES),
-        )
-        if clinical == ClinicalContext():
-            clinical = None
+    if len(client_message_id) > RAG.client_message_id_chars or not client_message_id.isprintable():
+        raise invalid("client_message_id", f"at most {RAG.client_message_id_chars} printable characters")
+    clinical = _clean_context(context) if context is not None else None
     return Question(conversation_id, query, clinical, client_message_id.strip())
 
 
@@ -195,8 +188,9 @@ def cite(content: str, passages: list[Passage]) -> list[Citation]:
     ]
 
 
-def stored_answer(question: MessageRow, answer: MessageRow) -> Answer:
+def stored_answer(exchange: Exchange) -> Answer:
     """The Answer a stored question/answer pair replays as."""
+    question, answer = exchange
     return Answer(
         message_id=answer.id,
         question_message_id=question.id,
@@ -223,7 +217,8 @@ class _Run:
     started: float
     timings: Timings = field(default_factory=Timings)
     phi_types: list[PhiType] = field(default_factory=list)
-    row: MessageRow | None = None  # the stored question
+    route: Route | None = None  # the route whose model wrote the answer
+    model_label: str = ""
 
 
 class AnswerService:
@@ -262,128 +257,100 @@ class AnswerService:
         raise ServiceError(Reason.INTERNAL, "the answer pipeline ended without an answer")  # pragma: no cover
 
     async def stream(self, caller: Caller, question: Question) -> AsyncIterator[AnswerEvent]:
-        """Deltas, then citations, then the stored answer."""
+        """Deltas, then citations, then the stored answer. `question` is validated (make_question); a repeat of an
+        answered question replays its answer, anything else goes through `_answer` under this request's lease."""
         run = _Run(question, await self._conversations.get(caller, question.conversation_id), time.perf_counter())
-        stored = await self._claim(run) if question.client_message_id else None
+        lease = AnswerLease(
+            self._store, question.conversation_id, question.client_message_id, question.query, self._lease,
+            self._wait_seconds,
+        )  # fmt: skip
+        stored = await lease.claim()
         if stored is not None:
-            await self._audit_answer(run.conversation, stored, replayed=True)
-            async for event in _replay(stored):
+            async for event in self._replay(run.conversation, stored):
                 yield event
             return
-        renewing = asyncio.create_task(self._keep_lease(run)) if question.client_message_id else None
         try:
-            async for event in self._answer(run):
-                yield event
-        except BaseException as exc:
-            if run.row is not None:
-                # Let a retry take the question over at once (shielded: this may be a cancellation).
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._store.release_question(run.row.seq))
-            if isinstance(exc, Exception):
-                reason = exc.reason.value if isinstance(exc, ServiceError) else Reason.INTERNAL.value
-                await self._audit.record(
-                    "rag.answer", success=False, failure_reason=reason, resource_type="conversation",
-                    resource_id=run.conversation.id,
-                )  # fmt: skip
+            async with lease.held():
+                async for event in self._answer(run, lease):
+                    yield event
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ServiceError) else Reason.INTERNAL
+            await self._audit.record(
+                "rag.answer", success=False, failure_reason=reason.value, resource_type="conversation",
+                resource_id=run.conversation.id,
+            )  # fmt: skip
             raise
-        finally:
-            if renewing is not None:
-                renewing.cancel()
 
-    async def _keep_lease(self, run: _Run) -> None:
-        """Renew this worker's claim on the question while it writes the answer, so that a retry waits for it; a
-        crashed worker stops renewing and a retry takes the question over within one lease."""
-        every = self._lease.total_seconds() / 3
-        while True:
-            await asyncio.sleep(every)
-            if run.row is not None:
-                with contextlib.suppress(Exception):  # a missed renewal costs at most a duplicate answer attempt
-                    await self._store.renew_lease(run.row.seq, utcnow() + self._lease)
-
-    async def _claim(self, run: _Run) -> Answer | None:
-        """For a question with a client message id: the stored answer to replay, or None when this request is to
-        answer it (`run.row` is then the stored question, if one exists already)."""
-        question = run.question
-        deadline = time.monotonic() + self._wait_seconds
-        while True:
-            asked, answered = await self._store.message_pair(question.conversation_id, question.client_message_id)
-            if asked is not None and asked.content != question.query:
-                raise ServiceError(
-                    Reason.ALREADY_EXISTS,
-                    "client_message_id was already used for a different question in this conversation",
-                    metadata={"field": "client_message_id"},
-                )
-            if asked is not None and answered is not None:
-                return stored_answer(asked, answered)
-            if asked is None:
-                return None  # nobody asked it yet: _answer stores it (or finds a concurrent duplicate)
-            if await self._store.claim_question(asked.seq, utcnow() + self._lease):
-                run.row = asked
-                return None
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    Reason.DEADLINE_EXCEEDED, "the answer to this client_message_id is still being written",
-                    retry_after_seconds=1.0,
-                )  # fmt: skip
-            await asyncio.sleep(POLL_SECONDS)
-
-    async def _answer(self, run: _Run) -> AsyncIterator[AnswerEvent]:
-        question, conversation = run.question, run.conversation
-        phi_started = time.perf_counter()
-        scans = await asyncio.gather(
-            self._phi.scan(question.query),
-            self._phi.scan(question.clinical_context.describe() if question.clinical_context else ""),
-        )
-        found = {t for scan in scans for t in scan.types}
-        run.phi_types = [t for t in PhiType if t in found]
-        run.timings.phi_ms = _ms(phi_started)
-
-        if run.row is None:
-            run.row = await self._store_question(run)
-            if run.row is None:  # a concurrent duplicate stored it first: wait for its answer
-                stored = await self._claim(run)
-                if stored is not None:
-                    async for event in _replay(stored):
-                        yield event
-                    return
-        phi = bool(run.phi_types)
+    async def _answer(self, run: _Run, lease: AnswerLease) -> AsyncIterator[AnswerEvent]:
+        """PHI scan, store the question, retrieve, generate, store the answer."""
+        await self._scan_phi(run)
+        asked = await lease.store_question(self._row(run, "user", run.question.query))
+        if isinstance(asked, Exchange):  # a concurrent duplicate stored the question first, and has answered it since
+            async for event in self._replay(run.conversation, asked):
+                yield event
+            return
         await self._audit.record(
-            "rag.question", resource_type="conversation", resource_id=conversation.id,
-            metadata={"message_id": run.row.id, "phi_detected": str(phi).lower(),
+            "rag.question", resource_type="conversation", resource_id=run.conversation.id,
+            metadata={"message_id": asked.id, "phi_detected": str(bool(run.phi_types)).lower(),
                       "phi_types": ",".join(run.phi_types)},
         )  # fmt: skip
 
         retrieval_started = time.perf_counter()
-        passages = await self._retrieve(question, conversation)
+        passages = await self._retrieve(run.question, run.conversation)
         run.timings.retrieval_ms = _ms(retrieval_started)
 
-        settings = settings_of(conversation)
+        history = await self._store.recent_messages(run.conversation.id, self._history_turns, asked.seq)
+        parts: list[str] = []
+        async for delta in self._generate(run, passages, history):
+            parts.append(delta)
+            yield TextDelta(delta)
+
+        content = "".join(parts)
+        citations = cite(content, passages)
+        yield CitationsReady(citations)
+        run.timings.total_ms = _ms(run.started)
+        assert run.route is not None  # _generate ends with a route or raises
+        exchange = await lease.store_answer(
+            self._row(run, "assistant", content, citations, model_used=run.model_label,
+                      routing_reason=run.route.reason, timings=asdict(run.timings))
+        )  # fmt: skip
+        answer = stored_answer(exchange)
+        await self._audit_answer(run.conversation, answer, replayed=False)
+        yield AnswerReady(answer)
+
+    async def _scan_phi(self, run: _Run) -> None:
+        """The PHI categories in the question and its clinical context, into `run`."""
+        started = time.perf_counter()
+        context = run.question.clinical_context
+        scans = await asyncio.gather(
+            self._phi.scan(run.question.query), self._phi.scan(context.describe() if context else "")
+        )
+        found = {t for scan in scans for t in scan.types}
+        run.phi_types = [t for t in PhiType if t in found]
+        run.timings.phi_ms = _ms(started)
+
+    async def _generate(self, run: _Run, passages: list[Passage], history: list[MessageRow]) -> AsyncIterator[str]:
+        """The answer's deltas from the first planned model that writes any (PHI never goes to the cloud); the route
+        taken goes into `run`."""
+        question, settings = run.question, settings_of(run.conversation)
         cloud, local = ModelKind.CLOUD in self._writers, ModelKind.LOCAL in self._writers
-        checkable = names_checkable(question.query)
         routes = (
-            plan_routes(phi, cloud, local, checkable)
+            plan_routes(bool(run.phi_types), cloud, local, names_checkable(question.query))
             if passages
             else [Route(ModelKind.EXTRACTIVE, "no_passages_found")]
         )
-        history = await self._store.recent_messages(conversation.id, self._history_turns, run.row.seq)
-
-        generation_started = time.perf_counter()
-        parts: list[str] = []
-        route, writer = None, None
-        for candidate in routes:
-            writer = self._writers[candidate.kind]
-            prompt = _prompt_for(
-                candidate.kind, question, passages, settings.answer_style, settings.system_prompt, history
-            )
+        started = time.perf_counter()
+        for route in routes:
+            writer = self._writers[route.kind]
+            prompt = _prompt_for(route.kind, question, passages, settings.answer_style, settings.system_prompt, history)
             try:
                 async for delta in writer.stream(prompt):
-                    if not parts:
-                        route = candidate
+                    if run.route is None:
+                        run.route, run.model_label = route, writer.model_label
                         run.timings.first_token_ms = _ms(run.started)
-                    parts.append(delta)
-                    yield TextDelta(delta)
+                    yield delta
             except ModelUnavailable:
-                if parts:  # pragma: no cover - ModelUnavailable only happens before the first token
+                if run.route is not None:  # pragma: no cover - ModelUnavailable only happens before the first token
                     raise
                 continue
             except ModelStreamBroken:
@@ -391,43 +358,28 @@ class AnswerService:
                     Reason.BACKEND_UNAVAILABLE, "the model stopped in the middle of the answer; ask again",
                     retry_after_seconds=1.0, metadata={"model": writer.model_label},
                 ) from None  # fmt: skip
-            if parts:
+            if run.route is not None:
                 break
-        if route is None or writer is None:
-            raise ServiceError(
-                Reason.INTERNAL, "no model produced an answer"
-            )  # pragma: no cover - extractive always does
-        run.timings.generation_ms = _ms(generation_started)
+        if run.route is None:  # pragma: no cover - extractive always writes
+            raise ServiceError(Reason.INTERNAL, "no model produced an answer")
+        run.timings.generation_ms = _ms(started)
 
-        content = "".join(parts)
-        citations = cite(content, passages)
-        yield CitationsReady(citations)
-        answer = await self._store_answer(run, content, citations, writer.model_label, route.reason)
-        await self._audit_answer(conversation, answer, replayed=False)
-        yield AnswerReady(answer)
-
-    async def _store_question(self, run: _Run) -> MessageRow | None:
-        question = run.question
-        row = MessageRow(
-            conversation_id=question.conversation_id,
-            role="user",
-            content=question.query,
-            citations=[],
-            phi_detected=bool(run.phi_types),
-            phi_types=[t.value for t in run.phi_types],
-            client_message_id=question.client_message_id or None,
-            answer_lease_until=utcnow() + self._lease,
-        )
-        try:
-            return await self._store.add_message(row)
-        except ConversationGone:
-            raise not_found("conversation", question.conversation_id) from None
+    def _row(
+        self, run: _Run, role: str, content: str, citations: Sequence[Citation] = (), **answer_fields: object
+    ) -> MessageRow:
+        """A message of this run (the question, or with citations and `answer_fields` its answer) to store."""
+        return MessageRow(
+            conversation_id=run.question.conversation_id, role=role, content=content,
+            citations=[asdict(c) for c in citations],
+            phi_detected=bool(run.phi_types), phi_types=[t.value for t in run.phi_types],
+            client_message_id=run.question.client_message_id or None, **answer_fields,
+        )  # fmt: skip
 
     async def _retrieve(self, question: Question, conversation: ConversationRow) -> list[Passage]:
         """Passages for the question, in the question's (or else the conversation's) specialty; when that
         specialty has nothing, from the whole knowledge base."""
         specialty = (question.clinical_context.specialty if question.clinical_context else "") or conversation.specialty
-        query = question.query[:MAX_SEARCH_QUERY]
+        query = question.query[: SEARCH.query_chars]  # a longer question still searches, on its beginning
         try:
             passages = await self._retriever.retrieve(query, specialty, self._retrieval_limit)
             if not passages and specialty:
@@ -438,35 +390,13 @@ class AnswerService:
             ) from None
         return passages
 
-    async def _store_answer(
-        self, run: _Run, content: str, citations: list[Citation], model: str, reason: str
-    ) -> Answer:
-        assert run.row is not None
-        run.timings.total_ms = _ms(run.started)
-        row = MessageRow(
-            conversation_id=run.question.conversation_id,
-            role="assistant",
-            content=content,
-            citations=[asdict(c) for c in citations],
-            model_used=model,
-            phi_detected=bool(run.phi_types),
-            phi_types=[t.value for t in run.phi_types],
-            client_message_id=run.question.client_message_id or None,
-            routing_reason=reason,
-            timings=asdict(run.timings),
-        )
-        try:
-            stored = await self._store.add_message(row)
-        except ConversationGone:
-            raise not_found("conversation", run.question.conversation_id) from None
-        if stored is None:  # a worker that took the question over finished first: its answer is the answer
-            asked, answered = await self._store.message_pair(
-                run.question.conversation_id, run.question.client_message_id
-            )
-            if asked is None or answered is None:
-                raise ServiceError(Reason.INTERNAL, "answer lost in a takeover race")  # pragma: no cover
-            return stored_answer(asked, answered)
-        return stored_answer(run.row, stored)
+    async def _replay(self, conversation: ConversationRow, exchange: Exchange) -> AsyncIterator[AnswerEvent]:
+        """A stored answer as the events of one that is being written."""
+        answer = stored_answer(exchange)
+        await self._audit_answer(conversation, answer, replayed=True)
+        yield TextDelta(answer.content)
+        yield CitationsReady(answer.citations)
+        yield AnswerReady(answer)
 
     async def _audit_answer(self, conversation: ConversationRow, answer: Answer, *, replayed: bool) -> None:
         await self._audit.record(
@@ -500,9 +430,3 @@ def _prompt_for(
         clinical_context=None if kind is ModelKind.CLOUD else question.clinical_context,
         history=turns,
     )
-
-
-async def _replay(answer: Answer) -> AsyncIterator[AnswerEvent]:
-    yield TextDelta(answer.content)
-    yield CitationsReady(answer.citations)
-    yield AnswerReady(answer)

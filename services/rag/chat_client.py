@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from circuitbreaker import CircuitBreaker
@@ -102,7 +103,7 @@ class ChatClient:
             finally:
                 await response.aclose()
 
-    async def _open(self, body: dict) -> httpx.Response:
+    async def _open(self, body: dict[str, Any]) -> httpx.Response:
         """POST and wait for a 200 response head, retrying what is worth retrying."""
         try:
             async for attempt in AsyncRetrying(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from services.core.audit_client import AuditClient
 from services.core.context import Caller
 from services.core.errors import Reason, ServiceError, invalid, not_found
+from services.core.limits import RAG
 from services.core.pagination import (
     decode_page_token,
     decode_time_cursor,
@@ -24,9 +25,6 @@ from services.rag.prompts import AnswerStyle
 from services.rag.store import ConversationRow, MessageRow, RagStore
 
 DEFAULT_TITLE = "New conversation"
-MAX_TITLE = 200
-MAX_SYSTEM_PROMPT = 2000
-MAX_SPECIALTY = 64
 UPDATABLE = frozenset(
     {"title", "archived", "settings", "settings.system_prompt", "settings.answer_style", "settings.specialty"}
 )
@@ -53,7 +51,7 @@ def clean_text(value: str, field: str, limit: int, *, single_line: bool = False)
 
 def clean_specialty(value: str, field: str) -> str:
     """A specialty as the knowledge base stores it: lower case, one line."""
-    return clean_text(value, field, MAX_SPECIALTY, single_line=True).lower()
+    return clean_text(value, field, RAG.specialty_chars, single_line=True).lower()
 
 
 def settings_of(row: ConversationRow) -> ConversationSettings:
@@ -66,7 +64,7 @@ def _settings_columns(settings: ConversationSettings, paths: set[str]) -> dict[s
     whole = "settings" in paths
     columns: dict[str, object] = {}
     if whole or "settings.system_prompt" in paths:
-        columns["system_prompt"] = clean_text(settings.system_prompt, "settings.system_prompt", MAX_SYSTEM_PROMPT)
+        columns["system_prompt"] = clean_text(settings.system_prompt, "settings.system_prompt", RAG.system_prompt_chars)
     if whole or "settings.answer_style" in paths:
         columns["answer_style"] = settings.answer_style.value if settings.answer_style else ""
     if whole or "settings.specialty" in paths:
@@ -95,7 +93,7 @@ class Conversations:
         """Start a conversation for `caller`."""
         row = ConversationRow(
             owner_id=caller.user_id,
-            title=clean_text(title, "title", MAX_TITLE, single_line=True) or DEFAULT_TITLE,
+            title=clean_text(title, "title", RAG.title_chars, single_line=True) or DEFAULT_TITLE,
             archived=False,
             message_count=0,
             **_settings_columns(settings, {"settings"}),
@@ -116,7 +114,7 @@ class Conversations:
         self, caller: Caller, size: int, token: str, include_archived: bool
     ) -> tuple[list[ConversationRow], str]:
         """One page of the caller's conversations, most recently updated first, and the next page token."""
-        limit = page_size(size, default=20, maximum=100)
+        limit = page_size(size, RAG.list_conversations)
         query = {"owner": caller.user_id, "archived": include_archived}
         after = decode_time_cursor(token, query)
         page = await self._store.list_conversations(caller.user_id, limit, after, include_archived)
@@ -142,7 +140,8 @@ class Conversations:
             raise invalid("update_mask", f"cannot change {', '.join(sorted(unknown))}")
         values: dict[str, object] = _settings_columns(settings, paths)
         if "title" in paths:
-            values["title"] = clean_text(title, "conversation.title", MAX_TITLE, single_line=True) or DEFAULT_TITLE
+            title = clean_text(title, "conversation.title", RAG.title_chars, single_line=True)
+            values["title"] = title or DEFAULT_TITLE
         if "archived" in paths:
             values["archived"] = archived
         row = await self._store.update_conversation(conversation_id, caller.user_id, **values)
@@ -166,7 +165,7 @@ class Conversations:
     ) -> tuple[list[MessageRow], str]:
         """One page of a conversation's messages, most recent first, and the next page token."""
         row = await self.get(caller, conversation_id)
-        limit = page_size(size, default=50, maximum=200)
+        limit = page_size(size, RAG.list_messages)
         query = {"conversation": row.id}
         cursor = decode_page_token(token, query)
         before = None

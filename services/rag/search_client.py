@@ -23,7 +23,7 @@ class SearchRetriever:
         """The best chunks for `query`; RetrievalFailed when the search service cannot answer."""
         request = search_pb2.SearchRequest(
             query=query,
-            limit=limit,
+            page_size=limit,
             mode=search_pb2.SEARCH_MODE_HYBRID,
             filters=search_pb2.SearchFilters(specialty=specialty) if specialty else None,
         )

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.rpc import status_pb2
 
 from services.core import registry
 from services.core.audit_client import AuditClient
 from services.core.context import current_caller
 from services.core.db import Database
-from services.core.errors import Reason, ServiceError, invalid
-from services.core.interceptors import rich_status
+from services.core.errors import invalid
+from services.core.limits import SEARCH
 from services.core.runtime import Runtime
 from services.core.server import Hosted
 from services.core.settings import CoreSettings
+from services.core.status import ends_with_status
 from services.core.timestamps import to_timestamp
 from services.rag.answers import (
     Answer,
@@ -37,18 +36,17 @@ from services.rag.answers import (
 from services.rag.chat_client import ChatClient, ChatEndpoint
 from services.rag.conversations import Conversations, ConversationSettings, settings_of
 from services.rag.phi import PhiDetector, PhiScanner, PhiType
-from services.rag.prompts import AnswerStyle
+from services.rag.prompts import AnswerStyle, ClinicalContext
 from services.rag.retrieval import Retriever
 from services.rag.routing import ModelKind
 from services.rag.search_client import SearchRetriever
 from services.rag.settings import RagSettings, rag_settings
 from services.rag.store import ConversationRow, MessageRow, RagStore
+from voiceassist.common.v1 import citation_pb2
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
 
-log = logging.getLogger(__name__)
 SPEC = registry.spec("rag")
 MIGRATIONS = Path(__file__).parent / "migrations"
-DOMAIN = "rag.voiceassist"
 
 _STYLE_TO_PROTO = {
     AnswerStyle.CONCISE: rag_pb2.ANSWER_STYLE_CONCISE,
@@ -58,16 +56,18 @@ _STYLE_FROM_PROTO = {v: k for k, v in _STYLE_TO_PROTO.items()}
 _ROLE_TO_PROTO = {"user": rag_pb2.MESSAGE_ROLE_USER, "assistant": rag_pb2.MESSAGE_ROLE_ASSISTANT}
 
 
-def phi_type_message(kind: PhiType | str) -> int:
+def phi_type_message(kind: PhiType | str) -> rag_pb2.PhiType:
     """The proto enum value of a PHI category."""
-    return rag_pb2.PhiType.Value(f"PHI_TYPE_{kind}")
+    return rag_pb2.PhiType.Value(f"PHI_TYPE_{kind}")  # type: ignore[return-value]  # Value() is typed a plain int
 
 
 def settings_message(settings: ConversationSettings) -> rag_pb2.ConversationSettings:
     """The proto form of conversation settings."""
     return rag_pb2.ConversationSettings(
         system_prompt=settings.system_prompt,
-        answer_style=_STYLE_TO_PROTO.get(settings.answer_style, rag_pb2.ANSWER_STYLE_UNSPECIFIED),  # type: ignore[arg-type]
+        answer_style=(
+            _STYLE_TO_PROTO[settings.answer_style] if settings.answer_style else rag_pb2.ANSWER_STYLE_UNSPECIFIED
+        ),
         specialty=settings.specialty,
     )
 
@@ -92,9 +92,9 @@ def conversation_message(row: ConversationRow) -> rag_pb2.Conversation:
     )
 
 
-def citation_message(citation: Citation) -> rag_pb2.Citation:
+def citation_message(citation: Citation) -> citation_pb2.Citation:
     """The proto form of a citation."""
-    return rag_pb2.Citation(
+    return citation_pb2.Citation(
         index=citation.index, document_id=citation.document_id, title=citation.title, chunk_id=citation.chunk_id,
         snippet=citation.snippet, page=citation.page, score=citation.score,
     )  # fmt: skip
@@ -150,22 +150,15 @@ def event_message(event: AnswerEvent) -> rag_pb2.StreamAskResponse:
     return rag_pb2.StreamAskResponse(answer=answer_message(event.answer))
 
 
-def status_message(error: ServiceError) -> status_pb2.Status:
-    """A google.rpc.Status carrying the same ErrorInfo (and retry/violation details) a failed call would."""
-    status = rich_status(error, DOMAIN)
-    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    return status_pb2.Status.FromString(details)
-
-
 def question_from(request: rag_pb2.AskRequest | rag_pb2.StreamAskRequest) -> Question:
     """A validated Question from either request type."""
     context = None
     if request.HasField("clinical_context"):
         c = request.clinical_context
-        context = {
-            "specialty": c.specialty, "age": c.age, "sex": c.sex, "medications": list(c.medications),
-            "conditions": list(c.conditions), "allergies": list(c.allergies), "notes": c.notes,
-        }  # fmt: skip
+        context = ClinicalContext(
+            specialty=c.specialty, age=c.age, sex=c.sex, medications=tuple(c.medications),
+            conditions=tuple(c.conditions), allergies=tuple(c.allergies), notes=c.notes,
+        )  # fmt: skip
     return make_question(request.conversation_id, request.query, request.client_message_id, context)
 
 
@@ -177,15 +170,21 @@ class RagServicer(rag_pb2_grpc.RagServiceServicer):
         self._answers = answers
         self._phi = phi
 
-    async def CreateConversation(self, request: rag_pb2.CreateConversationRequest, context: grpc.aio.ServicerContext):
+    async def CreateConversation(
+        self, request: rag_pb2.CreateConversationRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.CreateConversationResponse:
         row = await self._conversations.create(current_caller(), request.title, settings_from(request.settings))
         return rag_pb2.CreateConversationResponse(conversation=conversation_message(row))
 
-    async def GetConversation(self, request: rag_pb2.GetConversationRequest, context: grpc.aio.ServicerContext):
+    async def GetConversation(
+        self, request: rag_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.GetConversationResponse:
         row = await self._conversations.get(current_caller(), request.conversation_id)
         return rag_pb2.GetConversationResponse(conversation=conversation_message(row))
 
-    async def ListConversations(self, request: rag_pb2.ListConversationsRequest, context: grpc.aio.ServicerContext):
+    async def ListConversations(
+        self, request: rag_pb2.ListConversationsRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.ListConversationsResponse:
         rows, token = await self._conversations.list_page(
             current_caller(), request.page_size, request.page_token, request.include_archived
         )
@@ -193,7 +192,9 @@ class RagServicer(rag_pb2_grpc.RagServiceServicer):
             conversations=[conversation_message(r) for r in rows], next_page_token=token
         )
 
-    async def UpdateConversation(self, request: rag_pb2.UpdateConversationRequest, context: grpc.aio.ServicerContext):
+    async def UpdateConversation(
+        self, request: rag_pb2.UpdateConversationRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.UpdateConversationResponse:
         conversation = request.conversation
         row = await self._conversations.update(
             current_caller(),
@@ -205,40 +206,35 @@ class RagServicer(rag_pb2_grpc.RagServiceServicer):
         )
         return rag_pb2.UpdateConversationResponse(conversation=conversation_message(row))
 
-    async def DeleteConversation(self, request: rag_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext):
+    async def DeleteConversation(
+        self, request: rag_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.DeleteConversationResponse:
         await self._conversations.delete(current_caller(), request.conversation_id)
         return rag_pb2.DeleteConversationResponse()
 
-    async def ListMessages(self, request: rag_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext):
+    async def ListMessages(
+        self, request: rag_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.ListMessagesResponse:
         rows, token = await self._conversations.messages(
             current_caller(), request.conversation_id, request.page_size, request.page_token
         )
         return rag_pb2.ListMessagesResponse(messages=[message_message(r) for r in rows], next_page_token=token)
 
-    async def Ask(self, request: rag_pb2.AskRequest, context: grpc.aio.ServicerContext):
+    async def Ask(self, request: rag_pb2.AskRequest, context: grpc.aio.ServicerContext) -> rag_pb2.AskResponse:
         answer = await self._answers.ask(current_caller(), question_from(request))
         return answer_message(answer)
 
+    @ends_with_status(rag_pb2.StreamAskResponse)
     async def StreamAsk(
         self, request: rag_pb2.StreamAskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rag_pb2.StreamAskResponse]:
         caller, question = current_caller(), question_from(request)
-        sent = False
-        try:
-            async for event in self._answers.stream(caller, question):
-                yield event_message(event)
-                sent = True
-        except Exception as exc:
-            # Before the first message the status carries the error; after it, HTTP/1.1 clients behind Envoy would
-            # never see trailers, so the error becomes the stream's last message.
-            if not sent:
-                raise
-            if not isinstance(exc, ServiceError):
-                log.exception("StreamAsk failed mid-stream")
-                exc = ServiceError(Reason.INTERNAL, "internal error while answering")
-            yield rag_pb2.StreamAskResponse(error=status_message(exc))
+        async for event in self._answers.stream(caller, question):
+            yield event_message(event)
 
-    async def DetectPhi(self, request: rag_pb2.DetectPhiRequest, context: grpc.aio.ServicerContext):
+    async def DetectPhi(
+        self, request: rag_pb2.DetectPhiRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.DetectPhiResponse:
         current_caller()
         if not request.text:
             raise invalid("text", "required")
@@ -306,7 +302,7 @@ async def build_answering(
     writers = model_writers(settings)
     answers = AnswerService(
         store, conversations, phi, retriever, writers, audit,
-        retrieval_limit=min(settings.retrieval_limit, 50), history_turns=settings.history_turns,
+        retrieval_limit=min(settings.retrieval_limit, SEARCH.results.maximum), history_turns=settings.history_turns,
         answer_lease_seconds=settings.answer_lease_seconds,
         # A retry waits for another worker's answer only as long as its own call may last (Envoy's route timeout).
         answer_wait_seconds=registry.UNARY_TIMEOUT_SECONDS - 5,

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.core.limits import RAG, SEARCH
 from services.core.settings import ServiceSettings
 
 
@@ -44,10 +45,14 @@ class RagSettings(ServiceSettings):
     breaker_recovery_seconds: float = Field(
         30.0, description="How long an open breaker refuses calls before one trial call is let through."
     )
-    retrieval_limit: int = Field(8, description="Knowledge base chunks retrieved per question (at most 50).")
+    retrieval_limit: int = Field(
+        8, description=f"Chunks retrieved per question (at most {SEARCH.results.maximum}, search's limit per page)."
+    )
     retrieval_timeout_seconds: float = Field(10.0, description="Deadline of the search call.")
     history_turns: int = Field(6, description="Earlier messages of the conversation included in model prompts.")
-    phi_max_chars: int = Field(20_000, description="Longest text PHI detection accepts (DetectPhi's limit).")
+    phi_max_chars: int = Field(
+        RAG.phi_text_chars, description="Longest text PHI detection accepts (DetectPhi's limit)."
+    )
     phi_workers: int = Field(2, description="Threads running PHI detection off the event loop.")
     phi_score_threshold: float = Field(
         0.35, description="Detections scored below this are ignored (Presidio scores, 0-1)."

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.core.db import Database, UTCDateTime, utcnow
+from services.core.db import Database, UTCDateTime, rows_matched, utcnow
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY.
 _SEQUENCE = BigInteger().with_variant(Integer, "sqlite")
@@ -231,7 +231,7 @@ class RagStore:
                 .where(MessageRow.seq == seq, MessageRow.answer_lease_until < utcnow())
                 .values(answer_lease_until=lease_until)
             )
-            return result.rowcount == 1
+            return rows_matched(result) == 1
 
     async def renew_lease(self, seq: int, lease_until: datetime) -> None:
         """Extend the lease of the worker writing this question's answer."""
@@ -251,4 +251,4 @@ async def _touch(session: AsyncSession, conversation_id: str) -> bool:
         .where(ConversationRow.id == conversation_id)
         .values(message_count=ConversationRow.message_count + 1, updated_at=utcnow())
     )
-    return result.rowcount == 1
+    return rows_matched(result) == 1

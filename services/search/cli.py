@@ -1,26 +1,26 @@
 """`voiceassist kb ...`: fill and query the knowledge base through the gRPC API (Envoy by default).
 
-Credentials: an access token in VOICEASSIST_TOKEN, or `--email` with the password from VOICEASSIST_PASSWORD (or a
-prompt). Writes need an admin account. Uploads run a few at a time; `--wait` then follows indexing to the end.
+Signing in: --token / --email and the token cache, as for every client (services/core/cli_login.py). Writes need
+an admin account. Uploads run a few at a time; `--wait` then follows indexing to the end.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from tqdm import tqdm
 
-from services.core.settings import core_settings
-from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.core.cli_login import SignIn, sign_in_options
+from services.core.errors import Reason
+from services.core.status import error_info, reason_of
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 
 PIECE = 1 << 20  # UploadDocument's largest message
@@ -53,44 +53,23 @@ class Added:
     error: str = ""
 
 
-def connect(server: str, email: str | None, token: str | None, password: str | None) -> Connection:
-    """A channel to `server` and an access token: the given one, or a fresh login."""
-    channel = grpc.insecure_channel(server, options=[("grpc.max_send_message_length", 8 * PIECE)])
-    if not token:
-        if not email:
-            raise click.UsageError("give --email (password from VOICEASSIST_PASSWORD or a prompt) or VOICEASSIST_TOKEN")
-        password = password or click.prompt(f"password for {email}", hide_input=True)
-        try:
-            login = auth_pb2_grpc.AuthServiceStub(channel).Login(
-                auth_pb2.LoginRequest(email=email, password=password), timeout=30
-            )
-        except grpc.RpcError as exc:
-            raise click.ClickException(f"login failed: {describe(exc)}") from None
-        token = login.access_token
-    return Connection(channel, (("authorization", f"Bearer {token}"),))
+def connect(sign_in: SignIn) -> Connection:
+    """A channel to the sign-in's address and the metadata that authenticates calls on it."""
+    metadata = sign_in.metadata()
+    channel = grpc.insecure_channel(sign_in.address, options=[("grpc.max_send_message_length", 8 * PIECE)])
+    return Connection(channel, metadata)
 
 
 def describe(error: grpc.RpcError) -> str:
     """STATUS (REASON): message."""
-    reason = ""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = f" ({info.reason})"
-    return f"{error.code().name}{reason}: {error.details()}"
+    reason = error_info(error).reason
+    return f"{error.code().name}{f' ({reason})' if reason else ''}: {error.details()}"
 
 
 def _duplicate_of(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            if info.reason == "DUPLICATE_DOCUMENT":
-                return info.metadata.get("document_id", "")
-    return ""
+    if reason_of(error) is not Reason.DUPLICATE_DOCUMENT:
+        return ""
+    return error_info(error).metadata.get("document_id", "")
 
 
 def _outcome(key: str, call) -> Added:
@@ -205,21 +184,7 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
     return found
 
 
-def _connection_options(command):
-    options = [
-        click.option("--server", envvar="VOICEASSIST_SERVER", default=lambda: core_settings().envoy_address,
-                     show_default="Envoy on this machine (ENVOY_PORT)",
-                     help="gRPC address: Envoy, or a search server directly (VOICEASSIST_SERVER)."),
-        click.option("--email", envvar="VOICEASSIST_EMAIL", help="Sign in as this account (VOICEASSIST_EMAIL)."),
-        click.option("--password", envvar="VOICEASSIST_PASSWORD", hidden=True),
-        click.option("--token", envvar="VOICEASSIST_TOKEN", hidden=True),
-    ]  # fmt: skip
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _metadata_options(command):
+def _metadata_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--specialty", default="", help="Specialty of every document, e.g. cardiology."),
         click.option("--source-type", default="",
@@ -240,11 +205,11 @@ def kb() -> None:
 
 @kb.command("ingest")
 @click.argument("paths", nargs=-1, required=True)
-@_connection_options
+@sign_in_options
 @_metadata_options
-def ingest_command(paths, server, email, password, token, specialty, source_type, tags, workers, wait) -> None:
+def ingest_command(paths, sign_in, specialty, source_type, tags, workers, wait) -> None:
     """Upload files (PDF, text, Markdown, HTML; folders are searched) as admin."""
-    conn = connect(server, email, token, password)
+    conn = connect(sign_in)
     files = _files(paths)
 
     def work(path: Path) -> Added:
@@ -261,12 +226,11 @@ def ingest_command(paths, server, email, password, token, specialty, source_type
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--limit", type=int, help="Only the first N documents.")
 @click.option("--map-out", type=click.Path(dir_okay=False, path_type=Path), help="Write {corpus id: document id}.")
-@_connection_options
+@sign_in_options
 @_metadata_options
-def ingest_beir_command(folder, limit, map_out, server, email, password, token, specialty, source_type, tags, workers,
-                        wait) -> None:  # fmt: skip
+def ingest_beir_command(folder, limit, map_out, sign_in, specialty, source_type, tags, workers, wait) -> None:
     """Upload a BEIR corpus (FOLDER/corpus.jsonl) as admin, one document per line."""
-    conn = connect(server, email, token, password)
+    conn = connect(sign_in)
     meta = search_pb2.DocumentMetadata(specialty=specialty, source_type=source_type or "journal", tags=list(tags))
     results = ingest_beir(conn, read_beir_corpus(folder, limit), meta, workers)
     _report(results)
@@ -292,12 +256,12 @@ def _finish(conn: Connection, results: list[Added], wait: bool) -> None:
 @click.option("--tag", "tags", multiple=True, help="Only documents with one of these tags.")
 @click.option("--limit", default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the response as JSON.")
-@_connection_options
-def search_command(query, mode, specialty, source_type, tags, limit, as_json, server, email, password, token) -> None:
+@sign_in_options
+def search_command(query, mode, specialty, source_type, tags, limit, as_json, sign_in) -> None:
     """Search the knowledge base (any signed-in account)."""
-    conn = connect(server, email, token, password)
+    conn = connect(sign_in)
     request = search_pb2.SearchRequest(
-        query=query, mode=MODES[mode], limit=limit,
+        query=query, mode=MODES[mode], page_size=limit,
         filters=search_pb2.SearchFilters(specialty=specialty, source_type=source_type, tags=list(tags)),
     )  # fmt: skip
     try:

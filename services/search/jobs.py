@@ -18,6 +18,9 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
+
+from services.core.redis_store import stream_entries
 
 GROUP = "indexers"
 
@@ -107,7 +110,9 @@ class RedisJobQueue:
         self._group_ready = True
 
     async def put(self, job: Job) -> None:
-        fields = {"document_id": job.document_id, "generation": str(job.generation), "attempt": str(job.attempt)}
+        fields: dict[FieldT, EncodableT] = {
+            "document_id": job.document_id, "generation": str(job.generation), "attempt": str(job.attempt)
+        }
         await self._redis.xadd(self._key, fields)
 
     async def take(self, limit: int = 1) -> list[Job]:
@@ -127,7 +132,7 @@ class RedisJobQueue:
                 reply = await self._redis.xreadgroup(
                     GROUP, self._consumer, {self._key: ">"}, count=limit, block=self._block_ms
                 )
-                entries = [entry for _stream, items in reply or [] for entry in items]
+                entries = stream_entries(reply)
             if entries:
                 return [
                     Job(

@@ -15,6 +15,7 @@ from datetime import datetime
 from services.core.audit_client import AuditClient
 from services.core.context import Caller
 from services.core.errors import FieldViolation, Reason, ServiceError, invalid, not_found
+from services.core.limits import SEARCH
 from services.search.index import VectorIndex
 from services.search.indexing import ProgressBoard
 from services.search.jobs import Job, JobQueue, QueueFull
@@ -30,8 +31,7 @@ from services.search.store import (
 )
 
 SOURCE_TYPES = ("textbook", "journal", "guideline", "drug_reference", "note", "web", "other")
-MAX_TAGS = 32
-_LABEL = re.compile(r"^[a-z0-9][a-z0-9 _.\-/]{0,63}$")
+_LABEL = re.compile(rf"^[a-z0-9][a-z0-9 _.\-/]{{0,{SEARCH.label_chars - 1}}}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -65,7 +65,7 @@ def normalise_label(value: str) -> str:
 def _label(value: str, path: str) -> str:
     value = normalise_label(value)
     if value and not _LABEL.match(value):
-        raise invalid(path, "1-64 characters: letters, digits, space, _ . - /")
+        raise invalid(path, f"1-{SEARCH.label_chars} characters: letters, digits, space, _ . - /")
     return value
 
 
@@ -73,16 +73,16 @@ def clean_metadata(meta: Metadata, prefix: str = "metadata") -> Metadata:
     """Validated, normalised metadata: labels lower-cased, the media type resolved, the file name as default title."""
     title = " ".join(meta.title.split())
     file_name = meta.file_name.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    if len(title) > 500:
-        raise invalid(f"{prefix}.title", "at most 500 characters")
-    if len(file_name) > 255:
-        raise invalid(f"{prefix}.file_name", "at most 255 characters")
+    if len(title) > SEARCH.title_chars:
+        raise invalid(f"{prefix}.title", f"at most {SEARCH.title_chars} characters")
+    if len(file_name) > SEARCH.file_name_chars:
+        raise invalid(f"{prefix}.file_name", f"at most {SEARCH.file_name_chars} characters")
     source_type = _label(meta.source_type, f"{prefix}.source_type") or "other"
     if source_type not in SOURCE_TYPES:
         raise invalid(f"{prefix}.source_type", f"one of {', '.join(SOURCE_TYPES)}")
     specialty = _label(meta.specialty, f"{prefix}.specialty")
-    if len(meta.tags) > MAX_TAGS:
-        raise invalid(f"{prefix}.tags", f"at most {MAX_TAGS} tags")
+    if len(meta.tags) > SEARCH.tags:
+        raise invalid(f"{prefix}.tags", f"at most {SEARCH.tags} tags")
     tags = sorted({_label(t, f"{prefix}.tags") for t in meta.tags} - {""})
     try:
         media_type = media_type_for(meta.media_type, file_name)
@@ -211,7 +211,7 @@ class KnowledgeBase:
     async def watch(self, document_id: str) -> AsyncIterator[Progress]:
         """The document's state now, then every change, until INDEXED or FAILED (or it is deleted)."""
         row = await self.get(document_id)
-        last: tuple | None = None
+        last: tuple[object, ...] | None = None
         while True:
             state = (row.status, row.chunks_done, row.chunk_count, row.generation, row.error)
             if state != last:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from markdown_it import MarkdownIt
-from pypdf import PdfReader
+from pypdf import PasswordType, PdfReader
 from pypdf.errors import FileNotDecryptedError, PdfReadError, PdfStreamError
 from selectolax.lexbor import LexborHTMLParser
 
@@ -153,7 +153,7 @@ def _parse_pdf(data: bytes, max_pages: int) -> ParsedDocument:
             try:
                 opened = reader.decrypt("")
             except (NotImplementedError, PdfReadError):
-                opened = 0
+                opened = PasswordType.NOT_DECRYPTED
             if not opened:
                 raise ParseError("the PDF is password-protected; upload an unencrypted copy")
         count = len(reader.pages)

@@ -6,19 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.core.errors import Reason, ServiceError, invalid
-from services.core.pagination import decode_page_token, encode_page_token
+from services.core.limits import SEARCH
+from services.core.pagination import decode_page_token, encode_page_token, page_size
 from services.search.embeddings import Embedder
 from services.search.index import ChunkFilter, Hit, Mode, SearchQuery, VectorIndex
 from services.search.knowledge import check_document_id, normalise_label
 from services.search.sparse import Bm25Encoder, best_window
 
-MAX_QUERY_CHARS = 2000
-DEFAULT_LIMIT = 10
-MAX_LIMIT = 50
-MAX_DEPTH = 250  # paging stops this many results deep
 TIE_MARGIN = 10  # results fetched past the page so that ties at its edge are ordered the same on every page
-MAX_FILTER_DOCUMENTS = 100
-MAX_FILTER_TAGS = 32
 
 
 @dataclass(frozen=True)
@@ -47,10 +42,10 @@ class Results:
 
 def clean_filter(specialty: str, source_type: str, document_ids: list[str], tags: list[str]) -> ChunkFilter:
     """Filters normalised like stored metadata (labels are lower case); bounded lists."""
-    if len(document_ids) > MAX_FILTER_DOCUMENTS:
-        raise invalid("filters.document_ids", f"at most {MAX_FILTER_DOCUMENTS}")
-    if len(tags) > MAX_FILTER_TAGS:
-        raise invalid("filters.tags", f"at most {MAX_FILTER_TAGS}")
+    if len(document_ids) > SEARCH.filter_documents:
+        raise invalid("filters.document_ids", f"at most {SEARCH.filter_documents}")
+    if len(tags) > SEARCH.filter_tags:
+        raise invalid("filters.tags", f"at most {SEARCH.filter_tags}")
     ids = tuple(sorted({check_document_id(d, "filters.document_ids") for d in document_ids}))
     return ChunkFilter(
         specialty=normalise_label(specialty),
@@ -85,11 +80,9 @@ class Retriever:
         query = " ".join(query.split())
         if not query:
             raise invalid("query", "required")
-        if len(query) > MAX_QUERY_CHARS:
-            raise invalid("query", f"at most {MAX_QUERY_CHARS} characters")
-        if limit < 0:
-            raise invalid("limit", "must not be negative")
-        limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+        if len(query) > SEARCH.query_chars:
+            raise invalid("query", f"at most {SEARCH.query_chars} characters")
+        limit = page_size(limit, SEARCH.results)
         fingerprint = {
             "q": query,
             "m": mode.value,
@@ -97,9 +90,9 @@ class Retriever:
         }
         cursor = decode_page_token(page_token, fingerprint)
         offset = int(cursor[0]) if cursor and isinstance(cursor[0], int) else 0
-        if offset < 0 or offset >= MAX_DEPTH:
+        if offset < 0 or offset >= SEARCH.paging_depth:
             raise ServiceError(Reason.INVALID_PAGE_TOKEN, "page_token is past the paging depth")
-        limit = min(limit, MAX_DEPTH - offset)
+        limit = min(limit, SEARCH.paging_depth - offset)
         sparse = self._encoder.query(query)
         terms = frozenset(sparse.indices)
         dense = None
@@ -118,7 +111,8 @@ class Retriever:
             hits.sort(key=lambda hit: (-hit.score, hit.id))
         results = [self._result(hit, terms) for hit in hits[offset : offset + limit]]
         following = offset + len(results)
-        token = encode_page_token([following], fingerprint) if len(results) == limit and following < MAX_DEPTH else ""
+        more = len(results) == limit and following < SEARCH.paging_depth
+        token = encode_page_token([following], fingerprint) if more else ""
         return Results(results, mode, token)
 
     def _result(self, hit: Hit, terms: frozenset[int]) -> Result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from services.core import registry
 from services.core.context import current_caller, require_role
 from services.core.db import Database
 from services.core.errors import Reason, ServiceError, invalid
+from services.core.limits import SEARCH
 from services.core.pagination import decode_page_token, encode_page_token, page_size
 from services.core.runtime import Runtime
 from services.core.server import Hosted
+from services.core.status import ends_with_status
 from services.core.timestamps import to_timestamp
 from services.search.edge_index import EdgeIndex
 from services.search.embeddings import Embedder
@@ -24,9 +27,9 @@ from services.search.index import Mode, VectorIndex
 from services.search.indexing import Indexer, IndexingWorkers, PipelineLimits, ProgressBoard
 from services.search.jobs import Job, JobQueue, MemoryJobQueue, RedisJobQueue
 from services.search.knowledge import KnowledgeBase, Metadata, clean_metadata, normalise_label
+from services.search.qdrant_server_index import ServerIndex
 from services.search.retrieval import Retriever, clean_filter
-from services.search.server_index import ServerIndex
-from services.search.settings import MIB, SearchSettings, search_settings
+from services.search.settings import SearchSettings, search_settings
 from services.search.sparse import Bm25Encoder
 from services.search.store import DocumentFilter, DocumentRow, SearchStore, Status
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
@@ -34,7 +37,6 @@ from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 log = logging.getLogger(__name__)
 SPEC = registry.spec("search")
 MIGRATIONS = Path(__file__).parent / "migrations"
-MAX_UPLOAD_PIECE = MIB
 
 _STATUS_TO_PROTO = {
     Status.PENDING: search_pb2.DOCUMENT_STATUS_PENDING,
@@ -101,7 +103,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._settings = settings
         self._upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
 
-    async def UploadDocument(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def UploadDocument(
+        self, request_iterator: AsyncIterator[search_pb2.UploadDocumentRequest], context: grpc.aio.ServicerContext
+    ) -> search_pb2.UploadDocumentResponse:
         caller = require_role("admin")
         if self._upload_slots.locked():
             raise ServiceError(
@@ -125,8 +129,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 continue
             if kind != "chunk":
                 raise invalid("metadata", "only the first message may carry metadata")
-            if len(message.chunk) > MAX_UPLOAD_PIECE:
-                raise invalid("chunk", f"at most {MAX_UPLOAD_PIECE:,} bytes per message")
+            if len(message.chunk) > SEARCH.upload_piece_bytes:
+                raise invalid("chunk", f"at most {SEARCH.upload_piece_bytes:,} bytes per message")
             data += message.chunk
             if len(data) > self._settings.max_upload_bytes:
                 raise _too_large("the upload", self._settings.max_upload_bytes)
@@ -134,7 +138,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise invalid("metadata", "the stream was empty")
         return _metadata(metadata), bytes(data)
 
-    async def CreateDocument(self, request: search_pb2.CreateDocumentRequest, context):
+    async def CreateDocument(
+        self, request: search_pb2.CreateDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.CreateDocumentResponse:
         caller = require_role("admin")
         kind = request.WhichOneof("content")
         if kind is None:
@@ -148,13 +154,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         row = await self._kb.add(caller, meta, data)
         return search_pb2.CreateDocumentResponse(document=document_message(row))
 
-    async def GetDocument(self, request: search_pb2.GetDocumentRequest, context):
+    async def GetDocument(
+        self, request: search_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.GetDocumentResponse:
         current_caller()
         return search_pb2.GetDocumentResponse(document=document_message(await self._kb.get(request.document_id)))
 
-    async def ListDocuments(self, request: search_pb2.ListDocumentsRequest, context):
+    async def ListDocuments(
+        self, request: search_pb2.ListDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.ListDocumentsResponse:
         current_caller()
-        size = page_size(request.page_size, default=50, maximum=1000)
+        size = page_size(request.page_size, SEARCH.list_documents)
         if request.status and request.status not in _STATUS_FROM_PROTO:
             raise invalid("status", "unknown status")
         where = DocumentFilter(
@@ -179,17 +189,24 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             documents=[document_message(d) for d in page.documents], next_page_token=token, total_size=page.total
         )
 
-    async def DeleteDocument(self, request: search_pb2.DeleteDocumentRequest, context):
+    async def DeleteDocument(
+        self, request: search_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.DeleteDocumentResponse:
         require_role("admin")
         await self._kb.delete(request.document_id)
         return search_pb2.DeleteDocumentResponse()
 
-    async def ReindexDocument(self, request: search_pb2.ReindexDocumentRequest, context):
+    async def ReindexDocument(
+        self, request: search_pb2.ReindexDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.ReindexDocumentResponse:
         require_role("admin")
         row = await self._kb.reindex(request.document_id)
         return search_pb2.ReindexDocumentResponse(document=document_message(row))
 
-    async def WatchDocument(self, request: search_pb2.WatchDocumentRequest, context):
+    @ends_with_status(search_pb2.WatchDocumentResponse)
+    async def WatchDocument(
+        self, request: search_pb2.WatchDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.WatchDocumentResponse]:
         current_caller()
         async for progress in self._kb.watch(request.document_id):
             yield search_pb2.WatchDocumentResponse(
@@ -198,14 +215,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 chunks_total=progress.chunks_total,
             )
 
-    async def Search(self, request: search_pb2.SearchRequest, context):
+    async def Search(
+        self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.SearchResponse:
         current_caller()
         if request.mode not in _MODE_FROM_PROTO:
             raise invalid("mode", "unknown search mode")
         filters = request.filters
         chunks = clean_filter(filters.specialty, filters.source_type, list(filters.document_ids), list(filters.tags))
+        # `limit` is page_size's deprecated alias from the first release, read only when page_size is 0.
+        size = request.page_size or request.limit
         found = await self._retriever.search(
-            request.query, _MODE_FROM_PROTO[request.mode], chunks, request.limit, request.page_token
+            request.query, _MODE_FROM_PROTO[request.mode], chunks, size, request.page_token
         )
         return search_pb2.SearchResponse(
             results=[

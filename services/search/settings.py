@@ -7,9 +7,8 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.core.limits import MIB, SEARCH
 from services.core.settings import ServiceSettings
-
-MIB = 1024 * 1024
 
 
 class SearchSettings(ServiceSettings):
@@ -17,11 +16,13 @@ class SearchSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="SEARCH_", env_file=".env", extra="ignore", frozen=True)
 
-    max_upload_bytes: int = Field(50_000_000, description="Largest file UploadDocument accepts (all chunks).")
+    max_upload_bytes: int = Field(SEARCH.upload_bytes, description="Largest file UploadDocument accepts (all chunks).")
     max_concurrent_uploads: int = Field(
         8, description="UploadDocument streams buffered at once per process (memory bound: this x max_upload_bytes)."
     )
-    max_create_bytes: int = Field(5_000_000, description="Largest document CreateDocument accepts (text or bytes).")
+    max_create_bytes: int = Field(
+        SEARCH.create_bytes, description="Largest document CreateDocument accepts (text or bytes)."
+    )
     max_pages: int = Field(5000, description="PDFs with more pages fail instead of tying up a worker.")
     max_chunks: int = Field(20_000, description="Documents that split into more chunks fail (about 5M words).")
     chunk_max_tokens: int = Field(

@@ -14,7 +14,7 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.core.db import Database, UTCDateTime, utcnow
+from services.core.db import Database, UTCDateTime, rows_matched, utcnow
 
 
 class Status(StrEnum):
@@ -155,7 +155,7 @@ class SearchStore:
         async with self.db.session() as s, s.begin():
             await s.execute(sql_delete(ContentRow).where(ContentRow.document_id == document_id))
             result = await s.execute(sql_delete(DocumentRow).where(DocumentRow.id == document_id))
-            return result.rowcount == 1
+            return rows_matched(result) == 1
 
     async def restart(self, document_id: str) -> DocumentRow | None:
         """Back to PENDING with a new generation (reindex); the new row, or None when it does not exist."""
@@ -188,7 +188,7 @@ class SearchStore:
                     .where(DocumentRow.id == document_id, DocumentRow.generation == generation)
                     .values(**values, updated_at=now)
                 )
-                if result.rowcount == 1:
+                if rows_matched(result) == 1:
                     current.add(document_id)
         return current
 

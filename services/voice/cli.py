@@ -1,13 +1,11 @@
 """`voiceassist voice ...`: talk to the voice service from a terminal, through Envoy (or any gRPC address).
 
-Authentication, from the environment (never from arguments, which other users can see in `ps`):
-VOICEASSIST_TOKEN (an access token), or VOICEASSIST_EMAIL and VOICEASSIST_PASSWORD (the command signs in).
+Signing in: --token / --email and the token cache, as for every client (services/core/cli_login.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -17,33 +15,13 @@ from typing import Any, TypeVar
 import click
 import grpc
 
-from services.core.settings import core_settings
+from services.core.cli_login import Metadata, SignIn, sign_in_options
 from services.voice.audio import INPUT_RATES, OUTPUT_RATES, SAMPLE_WIDTH, read_wav, resample, wav_bytes
-from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 
 CHUNK_MS = 100
 T = TypeVar("T")
 V = voice_pb2
-
-
-address_option = click.option(
-    "--address", default=lambda: core_settings().envoy_address, show_default="Envoy on this machine (ENVOY_PORT)",
-    help="host:port of Envoy or voice.",
-)  # fmt: skip
-
-
-async def _metadata(channel: grpc.aio.Channel) -> tuple[tuple[str, str], ...]:
-    token = os.environ.get("VOICEASSIST_TOKEN", "")
-    if not token:
-        email, password = os.environ.get("VOICEASSIST_EMAIL", ""), os.environ.get("VOICEASSIST_PASSWORD", "")
-        if not email or not password:
-            raise click.ClickException("set VOICEASSIST_TOKEN, or VOICEASSIST_EMAIL and VOICEASSIST_PASSWORD")
-        reply = await auth_pb2_grpc.AuthServiceStub(channel).Login(
-            auth_pb2.LoginRequest(email=email, password=password), timeout=30
-        )
-        token = reply.access_token
-    return (("authorization", f"Bearer {token}"),)
 
 
 def load_wav(path: Path) -> tuple[bytes, int]:
@@ -69,10 +47,11 @@ async def paced_audio(pcm: bytes, rate: int, speed: float) -> AsyncIterator[byte
 
 
 @asynccontextmanager
-async def connect(address: str) -> AsyncIterator[tuple[voice_pb2_grpc.VoiceServiceStub, tuple[tuple[str, str], ...]]]:
-    """A VoiceService stub at `address` and the metadata that authenticates its calls."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        yield voice_pb2_grpc.VoiceServiceStub(channel), await _metadata(channel)
+async def connect(sign_in: SignIn) -> AsyncIterator[tuple[voice_pb2_grpc.VoiceServiceStub, Metadata]]:
+    """A VoiceService stub at the sign-in's address and the metadata that authenticates its calls."""
+    metadata = await asyncio.to_thread(sign_in.metadata)  # may sign in (a blocking call, or a password prompt)
+    async with grpc.aio.insecure_channel(sign_in.address) as channel:
+        yield voice_pb2_grpc.VoiceServiceStub(channel), metadata
 
 
 def _execute(run: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -96,14 +75,14 @@ def voice() -> None:
 
 @voice.command("talk")
 @click.argument("wav_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@address_option
+@sign_in_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("answer.wav"), show_default=True,
               help="Where to write the answer audio.")  # fmt: skip
 @click.option("--voice", "voice_name", default="", help="Voice to answer with (see `voiceassist voice voices`).")
 @click.option("--output-rate", type=click.Choice([str(r) for r in OUTPUT_RATES]), default="16000", show_default=True)
 @click.option("--conversation", default="", help="Ask in this conversation (default: a new one).")
 @click.option("--speed", default=1.0, show_default=True, help="Audio sent at this multiple of real time (0: at once).")
-def talk_command(wav_file: Path, address: str, out: Path, voice_name: str, output_rate: str, conversation: str,
+def talk_command(wav_file: Path, sign_in: SignIn, out: Path, voice_name: str, output_rate: str, conversation: str,
                  speed: float) -> None:  # fmt: skip
     """Stream WAV_FILE as a spoken question; print transcripts and the answer; save the answer's audio."""
     pcm, rate = load_wav(wav_file)
@@ -123,7 +102,7 @@ def talk_command(wav_file: Path, address: str, out: Path, voice_name: str, outpu
     async def run() -> tuple[bytes, int]:
         audio = bytearray()
         audio_rate = int(output_rate)
-        async with connect(address) as (stub, metadata):
+        async with connect(sign_in) as (stub, metadata):
             call = stub.Converse(requests(), metadata=metadata)
             async for reply in call:
                 kind = reply.WhichOneof("response")
@@ -158,9 +137,9 @@ def talk_command(wav_file: Path, address: str, out: Path, voice_name: str, outpu
 
 @voice.command("transcribe")
 @click.argument("wav_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@address_option
+@sign_in_options
 @click.option("--speed", default=1.0, show_default=True, help="Audio sent at this multiple of real time (0: at once).")
-def transcribe_command(wav_file: Path, address: str, speed: float) -> None:
+def transcribe_command(wav_file: Path, sign_in: SignIn, speed: float) -> None:
     """Stream WAV_FILE and print what was said, utterance by utterance."""
     pcm, rate = load_wav(wav_file)
     config = V.RecognitionConfig(encoding=V.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=rate, interim_results=True)
@@ -171,7 +150,7 @@ def transcribe_command(wav_file: Path, address: str, speed: float) -> None:
             yield V.TranscribeRequest(audio_content=chunk)
 
     async def run() -> None:
-        async with connect(address) as (stub, metadata):
+        async with connect(sign_in) as (stub, metadata):
             async for reply in stub.Transcribe(requests(), metadata=metadata):
                 if reply.WhichOneof("response") == "transcript":
                     _show_transcript(reply.transcript, f"[{reply.utterance}] ")
@@ -183,14 +162,14 @@ def transcribe_command(wav_file: Path, address: str, speed: float) -> None:
 
 @voice.command("say")
 @click.argument("text")
-@address_option
+@sign_in_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("speech.wav"), show_default=True)
 @click.option("--voice", "voice_name", default="", help="Voice (see `voiceassist voice voices`).")
-def say_command(text: str, address: str, out: Path, voice_name: str) -> None:
+def say_command(text: str, sign_in: SignIn, out: Path, voice_name: str) -> None:
     """Synthesize TEXT to a WAV file."""
 
     async def run() -> tuple[bytes, int]:
-        async with connect(address) as (stub, metadata):
+        async with connect(sign_in) as (stub, metadata):
             request = V.SynthesizeRequest(text=text, voice=voice_name)
             audio, rate = bytearray(), 22050
             async for reply in stub.Synthesize(request, metadata=metadata):
@@ -204,13 +183,13 @@ def say_command(text: str, address: str, out: Path, voice_name: str) -> None:
 
 
 @voice.command("voices")
-@address_option
+@sign_in_options
 @click.option("--language", default="", help="Only voices for this language, e.g. en or en-US.")
-def voices_command(address: str, language: str) -> None:
+def voices_command(sign_in: SignIn, language: str) -> None:
     """List the voices answers can be spoken with."""
 
     async def run() -> None:
-        async with connect(address) as (stub, metadata):
+        async with connect(sign_in) as (stub, metadata):
             token = ""
             while True:
                 request = V.ListVoicesRequest(language_code=language, page_size=100, page_token=token)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from services.core.errors import Reason, ServiceError
 from services.voice.audio import duration_ms
@@ -48,6 +48,7 @@ from services.voice.sessions import (
 )
 from services.voice.settings import VoiceSettings
 from services.voice.synthesis import AudioPiece, SentenceSplitter, Speaker
+from voiceassist.common.v1 import citation_pb2, clinical_pb2
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class AnswerDelta:
 class AnswerSources:
     """The answer's citations, as the answer source gives them (passed through untouched)."""
 
-    citations: tuple[Any, ...]
+    citations: tuple[citation_pb2.Citation, ...]
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,9 @@ class AnswerDone:
 
 @dataclass(frozen=True)
 class AnswerFailed:
-    """The answer failed; `code` is a grpc status code name."""
+    """The answer failed: the answer source's error, as it gave it (reason, code, field violations)."""
 
-    reason: str
-    message: str
-    code: str
+    error: ServiceError
 
 
 AnswerEvent = AnswerDelta | AnswerSources | AnswerDone | AnswerFailed
@@ -126,7 +125,12 @@ class AnswerSource(Protocol):
     """Answers questions inside a conversation, as a stream."""
 
     def answer(
-        self, *, conversation_id: str, question: str, clinical_context: Any, client_message_id: str
+        self,
+        *,
+        conversation_id: str,
+        question: str,
+        clinical_context: clinical_pb2.ClinicalContext | None,
+        client_message_id: str,
     ) -> AsyncIterator[AnswerEvent]:
         """Stream the answer to `question`."""
 
@@ -167,7 +171,7 @@ class CitationsOut:
     """The answer's citations."""
 
     turn: int
-    citations: tuple[Any, ...]
+    citations: tuple[citation_pb2.Citation, ...]
 
 
 @dataclass(frozen=True)
@@ -205,12 +209,11 @@ class TurnDone:
 
 @dataclass(frozen=True)
 class Problem:
-    """A recoverable error: the session goes on. `code` is a grpc status code name."""
+    """A recoverable error: the session goes on. A refused question keeps the answer source's reason and field
+    violations, so the client learns what to change."""
 
     turn: int
-    reason: str
-    message: str
-    code: str
+    error: ServiceError
 
 
 ConverseEvent = SpeechSignal | TranscriptOut | AnswerTextOut | CitationsOut | AudioOut | TurnDone | Problem
@@ -222,7 +225,7 @@ class ConverseOptions:
 
     conversation_id: str
     barge_in: bool
-    clinical_context: Any = None  # opaque: handed to the answer source with every question
+    clinical_context: clinical_pb2.ClinicalContext | None = None  # handed to the answer source with every question
 
 
 @dataclass
@@ -377,7 +380,7 @@ class ConverseSession:
                 question = Question(0, event.text, self._utterance_end, event.latency_ms, event.utterance_ms)
                 await self._ask(question)
             elif isinstance(event, ListenFailure):
-                await self._outbox.put(Problem(turn, Reason.BACKEND_UNAVAILABLE.value, event.message, "UNAVAILABLE"))
+                await self._outbox.put(Problem(turn, ServiceError(Reason.BACKEND_UNAVAILABLE, event.message)))
 
     async def _barge_in(self, offset_ms: int) -> None:
         turn = self._current.question.number if self._current else self._last_turn
@@ -388,10 +391,8 @@ class ConverseSession:
     async def _ask(self, question: Question) -> None:
         if self._questions.full():
             if not self._options.barge_in:
-                await self._outbox.put(
-                    Problem(self._asked + 1, Reason.FAILED_PRECONDITION.value,
-                            "a question is already waiting for the answer in progress", "FAILED_PRECONDITION")
-                )  # fmt: skip
+                waiting = "a question is already waiting for the answer in progress"
+                await self._outbox.put(Problem(self._asked + 1, ServiceError(Reason.FAILED_PRECONDITION, waiting)))
                 return
             replaced = self._questions.get_nowait()  # the newer question wins
             self._questions.task_done()
@@ -443,7 +444,7 @@ class ConverseSession:
         log.error("voice turn failed", exc_info=exc)
         self._withdrawn.add(turn.question.number)
         message = "the answer failed; the session goes on"
-        await self._outbox.put(Problem(turn.question.number, Reason.INTERNAL.value, message, "INTERNAL"))
+        await self._outbox.put(Problem(turn.question.number, ServiceError(Reason.INTERNAL, message)))
 
     async def _answer(self, turn: Turn) -> None:
         if self._speaker is None:
@@ -478,14 +479,13 @@ class ConverseSession:
                     elif isinstance(event, AnswerDone):
                         turn.done = event
                     else:
-                        await self._outbox.put(Problem(number, event.reason, event.message, event.code))
+                        await self._outbox.put(Problem(number, event.error))
         except TimeoutError:
             limit = self._settings.answer_timeout_seconds
-            await self._outbox.put(
-                Problem(number, Reason.DEADLINE_EXCEEDED.value, f"no answer within {limit:g} s", "DEADLINE_EXCEEDED")
-            )
-        except ServiceError as exc:
-            await self._outbox.put(Problem(number, exc.reason.value, exc.message, exc.status_code_name))
+            late = ServiceError(Reason.DEADLINE_EXCEEDED, f"no answer within {limit:g} s")
+            await self._outbox.put(Problem(number, late))
+        except ServiceError as exc:  # e.g. rag refusing the question (VALIDATION_ERROR): only this turn fails
+            await self._outbox.put(Problem(number, exc))
         if sentences is not None:
             for sentence in splitter.flush():
                 await sentences.put(sentence)
@@ -500,7 +500,7 @@ class ConverseSession:
                 pieces = await speaker.speak(sentence)
             except ServiceError as exc:
                 failed = True
-                await self._outbox.put(Problem(turn.question.number, exc.reason.value, exc.message, "UNAVAILABLE"))
+                await self._outbox.put(Problem(turn.question.number, exc))
                 continue
             for piece in pieces:
                 await self._pace(turn)

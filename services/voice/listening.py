@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.core.errors import invalid
+from services.core.limits import VOICE
 from services.voice.audio import INPUT_RATES, StreamResampler, duration_ms
 from services.voice.endpointing import (
     Endpointer,
@@ -34,8 +35,6 @@ from services.voice.settings import VoiceSettings
 log = logging.getLogger(__name__)
 
 LANGUAGES = ("en-US",)
-MAX_HINTS = 500
-MAX_HINT_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,11 @@ def listen_options(
     chosen = next((code for code in LANGUAGES if code.lower() == (language or "en-US").lower()), None)
     if chosen is None:
         raise invalid(f"{field}.language_code", f"must be one of {', '.join(LANGUAGES)}", "UNSUPPORTED_LANGUAGE")
-    if len(hints) > MAX_HINTS:
-        raise invalid(f"{field}.phrase_hints", f"at most {MAX_HINTS} phrases")
+    if len(hints) > VOICE.phrase_hints:
+        raise invalid(f"{field}.phrase_hints", f"at most {VOICE.phrase_hints} phrases")
     for i, hint in enumerate(hints):
-        if not hint.strip() or len(hint) > MAX_HINT_CHARS:
-            raise invalid(f"{field}.phrase_hints[{i}]", f"must be 1 to {MAX_HINT_CHARS} characters")
+        if not hint.strip() or len(hint) > VOICE.phrase_hint_chars:
+            raise invalid(f"{field}.phrase_hints[{i}]", f"must be 1 to {VOICE.phrase_hint_chars} characters")
     return ListenOptions(sample_rate, chosen, interim_results, tuple(hints))
 
 

@@ -11,18 +11,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
+from typing import TypeVar
 
 import grpc
-from google.protobuf.any_pb2 import Any as AnyMessage
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from services.core import registry
 from services.core.context import current_caller, current_request
 from services.core.errors import Reason, ServiceError, invalid
+from services.core.limits import VOICE
 from services.core.pagination import decode_page_token, encode_page_token, page_size
 from services.core.runtime import Runtime
 from services.core.server import Hosted
+from services.core.status import ends_with_status, service_domain, to_status
 from services.voice.conversation import (
     AnswerTextOut,
     AudioIn,
@@ -67,17 +67,11 @@ from services.voice.synthesis import (
     speech_options,
 )
 from services.voice.transcription import transcribe
-from voiceassist.rag.v1 import rag_pb2
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 
 log = logging.getLogger(__name__)
 SPEC = registry.spec("voice")
-DOMAIN = f"{SPEC.name}.voiceassist"
-MAX_TEXT_TURN = 4000  # rag's question limit
-MAX_SYNTHESIS_TEXT = 5000
-MAX_CONTEXT_ITEMS = 50
-MAX_CONTEXT_ITEM_CHARS = 200
-MAX_CONTEXT_NOTES = 2000
+DOMAIN = service_domain(SPEC.name)
 
 _SPEECH_EVENTS = {
     "started": voice_pb2.SPEECH_EVENT_TYPE_SPEECH_STARTED,
@@ -89,7 +83,10 @@ _SPEECH_EVENTS = {
 # ---- requests in
 
 
-async def first_message(requests: AsyncIterator[Any], wait_seconds: float) -> Any:
+_Request = TypeVar("_Request", voice_pb2.ConverseRequest, voice_pb2.TranscribeRequest)
+
+
+async def first_message(requests: AsyncIterator[_Request], wait_seconds: float) -> _Request:
     """The stream's first message; VALIDATION_ERROR when none comes in time."""
     try:
         async with asyncio.timeout(wait_seconds):
@@ -115,18 +112,7 @@ def recognition_options(config: voice_pb2.RecognitionConfig, field: str) -> List
     )
 
 
-def check_clinical_context(context: rag_pb2.ClinicalContext) -> None:
-    """Bounds on the clinical context (rag checks its meaning when asked)."""
-    if len(context.notes) > MAX_CONTEXT_NOTES:
-        raise invalid("config.clinical_context.notes", f"at most {MAX_CONTEXT_NOTES} characters")
-    for name in ("medications", "conditions", "allergies"):
-        items = getattr(context, name)
-        if len(items) > MAX_CONTEXT_ITEMS or any(len(i) > MAX_CONTEXT_ITEM_CHARS for i in items):
-            path = f"config.clinical_context.{name}"
-            raise invalid(path, f"at most {MAX_CONTEXT_ITEMS} items of {MAX_CONTEXT_ITEM_CHARS} characters")
-
-
-def _audio(request: Any, max_bytes: int) -> AudioIn:
+def _audio(request: voice_pb2.ConverseRequest | voice_pb2.TranscribeRequest, max_bytes: int) -> AudioIn:
     if len(request.audio_content) > max_bytes:
         raise invalid("audio_content", f"at most {max_bytes} bytes per message", "CHUNK_TOO_LARGE")
     return AudioIn(request.audio_content)
@@ -139,7 +125,9 @@ def _control(action: int, allowed: tuple[int, ...]) -> ClientMessage:
     return EndOfUtterance() if action == voice_pb2.CONTROL_ACTION_END_OF_UTTERANCE else CancelResponse()
 
 
-async def converse_messages(requests: AsyncIterator[voice_pb2.ConverseRequest], max_bytes: int):
+async def converse_messages(
+    requests: AsyncIterator[voice_pb2.ConverseRequest], max_bytes: int
+) -> AsyncIterator[ClientMessage]:
     """The messages after the config, as domain messages; VALIDATION_ERROR for a malformed one."""
     controls = (voice_pb2.CONTROL_ACTION_END_OF_UTTERANCE, voice_pb2.CONTROL_ACTION_CANCEL_RESPONSE)
     async for request in requests:
@@ -150,8 +138,8 @@ async def converse_messages(requests: AsyncIterator[voice_pb2.ConverseRequest], 
             yield _control(request.control, controls)
         elif kind == "text":
             text = request.text.strip()
-            if not text or len(text) > MAX_TEXT_TURN:
-                raise invalid("text", f"must be 1 to {MAX_TEXT_TURN} characters")
+            if not text:  # a malformed message; the question's bounds are rag's, its refusal ends only the turn
+                raise invalid("text", "empty: a text turn carries a question")
             yield TextIn(text)
         elif kind == "config":
             raise invalid("config", "only the first message may carry the config", "CONFIG_REPEATED")
@@ -159,7 +147,9 @@ async def converse_messages(requests: AsyncIterator[voice_pb2.ConverseRequest], 
             raise invalid("request", "empty message: set audio_content, control or text")
 
 
-async def transcribe_messages(requests: AsyncIterator[voice_pb2.TranscribeRequest], max_bytes: int):
+async def transcribe_messages(
+    requests: AsyncIterator[voice_pb2.TranscribeRequest], max_bytes: int
+) -> AsyncIterator[ClientMessage]:
     """The messages after the config, as domain messages; VALIDATION_ERROR for a malformed one."""
     async for request in requests:
         kind = request.WhichOneof("request")
@@ -174,17 +164,6 @@ async def transcribe_messages(requests: AsyncIterator[voice_pb2.TranscribeReques
 
 
 # ---- responses out
-
-
-def status_message(reason: str, message: str, code: str) -> status_pb2.Status:
-    """A google.rpc.Status with an ErrorInfo, for errors sent as messages."""
-    detail = AnyMessage()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
-    try:
-        number = code_pb2.Code.Value(code)
-    except ValueError:
-        number = code_pb2.INTERNAL
-    return status_pb2.Status(code=number, message=message, details=[detail])
 
 
 def audio_chunk(piece: AudioPiece, sequence: int) -> voice_pb2.AudioChunk:
@@ -228,7 +207,7 @@ def converse_response(event: ConverseEvent) -> voice_pb2.ConverseResponse:
             )
         )
     elif isinstance(event, Problem):
-        response.error.CopyFrom(status_message(event.reason, event.message, event.code))
+        response.error.CopyFrom(to_status(event.error, DOMAIN))
     return response
 
 
@@ -247,7 +226,7 @@ def transcribe_response(utterance: int, event: ListenEvent) -> voice_pb2.Transcr
             voice_pb2.Transcript(text=event.text, is_final=True, stability=1.0, confidence=event.confidence)
         )
     elif isinstance(event, ListenFailure):
-        response.error.CopyFrom(status_message(Reason.BACKEND_UNAVAILABLE.value, event.message, "UNAVAILABLE"))
+        response.error.CopyFrom(to_status(ServiceError(Reason.BACKEND_UNAVAILABLE, event.message), DOMAIN))
     return response
 
 
@@ -297,7 +276,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             raise ServiceError(Reason.BACKEND_UNAVAILABLE, "speech recognition is unavailable; try again") from None
         return listener
 
-    async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
+    @ends_with_status(voice_pb2.ConverseResponse)
+    async def Converse(
+        self, request_iterator: AsyncIterator[voice_pb2.ConverseRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[voice_pb2.ConverseResponse]:
         caller = current_caller()
         settings = self._settings
         first = await first_message(request_iterator, settings.config_timeout_seconds)
@@ -312,7 +294,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 default_voice=settings.tts_default_voice, field="config.voice",
                 rate_field="config.output_sample_rate_hertz",
             )  # fmt: skip
-        check_clinical_context(config.clinical_context)
+        # The interceptor sets the request before any handler runs.
         token = current_request().bearer_token  # type: ignore[union-attr]
 
         async def authorize() -> None:
@@ -336,7 +318,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                     record=record,
                     authorize=authorize,
                 )
-                context.add_done_callback(lambda _: session.abort())
+                # grpc's stubs want an instance of their private callback class here, not any callable.
+                context.add_done_callback(lambda _: session.abort())  # type: ignore[arg-type]
                 yield voice_pb2.ConverseResponse(
                     session_started=voice_pb2.SessionStarted(
                         conversation_id=conversation_id, session_id=record.session_id
@@ -347,7 +330,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             finally:
                 await listener.close()
 
-    async def Transcribe(self, request_iterator, context: grpc.aio.ServicerContext):
+    @ends_with_status(voice_pb2.TranscribeResponse)
+    async def Transcribe(
+        self, request_iterator: AsyncIterator[voice_pb2.TranscribeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[voice_pb2.TranscribeResponse]:
         caller = current_caller()
         first = await first_message(request_iterator, self._settings.config_timeout_seconds)
         if first.WhichOneof("request") != "config":
@@ -362,11 +348,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             finally:
                 await listener.close()
 
-    async def Synthesize(self, request: voice_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext):
+    @ends_with_status(voice_pb2.SynthesizeResponse)
+    async def Synthesize(
+        self, request: voice_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[voice_pb2.SynthesizeResponse]:
         current_caller()
         text = request.text.strip()
-        if not text or len(text) > MAX_SYNTHESIS_TEXT:
-            raise invalid("text", f"must be 1 to {MAX_SYNTHESIS_TEXT} characters")
+        if not text or len(text) > VOICE.synthesis_text_chars:
+            raise invalid("text", f"must be 1 to {VOICE.synthesis_text_chars} characters")
         if request.encoding not in (voice_pb2.AUDIO_ENCODING_UNSPECIFIED, voice_pb2.AUDIO_ENCODING_LINEAR16):
             raise invalid("encoding", "must be AUDIO_ENCODING_LINEAR16", "UNSUPPORTED_ENCODING")
         options = await speech_options(
@@ -375,23 +364,18 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         )  # fmt: skip
         speaker = Speaker(self._synthesizer, options, self._settings.tts_chunk_ms)
         sequence = 0
-        try:
-            for sentence in sentences_of(text):
-                for piece in await speaker.speak(sentence):
-                    yield voice_pb2.SynthesizeResponse(audio=audio_chunk(piece, sequence))
-                    sequence += 1
-        except ServiceError as exc:
-            if sequence == 0:
-                raise
-            # JSON clients behind Envoy never see trailers once the body has started: the error is the last message.
-            failure = status_message(exc.reason.value, exc.message, exc.status_code_name)
-            yield voice_pb2.SynthesizeResponse(error=failure)
+        for sentence in sentences_of(text):
+            for piece in await speaker.speak(sentence):
+                yield voice_pb2.SynthesizeResponse(audio=audio_chunk(piece, sequence))
+                sequence += 1
 
-    async def ListVoices(self, request: voice_pb2.ListVoicesRequest, context: grpc.aio.ServicerContext):
+    async def ListVoices(
+        self, request: voice_pb2.ListVoicesRequest, context: grpc.aio.ServicerContext
+    ) -> voice_pb2.ListVoicesResponse:
         current_caller()
-        size = page_size(request.page_size, default=50, maximum=500)
+        size = page_size(request.page_size, VOICE.list_voices)
         language = request.language_code.strip()
-        if len(language) > 35 or not all(c.isalnum() or c == "-" for c in language):
+        if len(language) > VOICE.language_tag_chars or not all(c.isalnum() or c == "-" for c in language):
             raise invalid("language_code", "must be a BCP-47 language tag such as en-US")
         query = {"language_code": language.lower()}
         cursor = decode_page_token(request.page_token, query)

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.core.limits import VOICE
 from services.core.settings import ServiceSettings
 
 
@@ -63,7 +64,7 @@ class VoiceSettings(ServiceSettings):
         30.0, description="A stream that sends nothing for this long, with no answer in progress, is closed."
     )
     config_timeout_seconds: float = Field(10.0, description="Time a client has to send the config message.")
-    max_chunk_bytes: int = Field(32768, description="Largest audio message accepted.")
+    max_chunk_bytes: int = Field(VOICE.audio_chunk_bytes, description="Largest audio message accepted.")
     outbox_messages: int = Field(64, description="Responses buffered for a slow reader before the session waits.")
     outbox_audio_messages: int = Field(
         16, description="Audio responses buffered for a slow reader (kept below outbox_messages so events pass)."

@@ -164,7 +164,8 @@ class SphinxStream:
         await self._process.call("start", self._id)
 
     async def feed(self, pcm: bytes, *, partial: bool) -> str | None:
-        return await self._process.call("feed", self._id, (pcm, partial))
+        hypothesis: str | None = await self._process.call("feed", self._id, (pcm, partial))
+        return hypothesis
 
     async def finish_utterance(self) -> Recognized:
         text, confidence = await self._process.call("end", self._id)

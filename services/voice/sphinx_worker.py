@@ -15,6 +15,7 @@ ok, result_or_error_text)`. The process exits when its stdin closes.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import select
@@ -59,7 +60,6 @@ def read_frame(source: BinaryIO) -> Any | None:
 
 @dataclass
 class _Stream:
-    extra_words: list[tuple[str, str]]
     decoder: Decoder | None = None
     dedicated: bool = False
     in_utterance: bool = False
@@ -95,28 +95,28 @@ class DecoderHost:
                 return hyp.hypstr if hyp else ""
             return None
         if op == "open":
-            stream = self._streams[stream_id] = _Stream(extra_words=payload)
+            stream = self._streams[stream_id] = _Stream()
             if payload:
                 stream.decoder, stream.dedicated = self._borrow(), True
                 _add_words(stream.decoder, payload)
             return None
         if op == "start":
             stream = self._streams[stream_id]
-            if stream.in_utterance:
-                stream.decoder.end_utt()
             if stream.decoder is None:
                 stream.decoder = self._borrow()
+            elif stream.in_utterance:  # only a stream holding a decoder can be inside an utterance
+                stream.decoder.end_utt()
             stream.decoder.start_utt()
             stream.in_utterance = True
             return None
         if op == "end":
             return self._end(stream_id)
         if op == "close":
-            stream = self._streams.pop(stream_id, None)
-            if stream is not None and stream.decoder is not None:
-                if stream.in_utterance:
-                    stream.decoder.end_utt()
-                self._release(stream)
+            closing = self._streams.pop(stream_id, None)
+            if closing is not None and closing.decoder is not None:
+                if closing.in_utterance:
+                    closing.decoder.end_utt()
+                self._release(closing)
             return None
         if op == "ping":
             return len(self._streams)
@@ -183,7 +183,7 @@ def _readable(source: BinaryIO) -> bool:
 def main() -> None:
     """The process's loop: answer requests; build spare decoders while no request waits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which stops us by closing stdin
-    requests = sys.stdin.buffer.raw  # unbuffered, so select() sees every waiting byte
+    requests = io.FileIO(sys.stdin.fileno(), closefd=False)  # unbuffered, so select() sees every waiting byte
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (C or Python) must not corrupt the replies
     config = read_frame(requests)

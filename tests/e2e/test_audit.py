@@ -5,6 +5,7 @@ verifier checks, visibility, pagination, NDJSON export, precise errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 import redis
 from google.protobuf import field_mask_pb2
 
-from services.core import ledger_proofs as lp
+from services.audit import ledger_proofs as lp
 from services.core.audit_client import STREAM, AuditClient, RedisStreamSink
 from services.core.redis_store import RedisConnection
 from services.core.settings import ROOT
@@ -179,28 +180,36 @@ def test_export_streams_ndjson_through_envoy(mesh_http: httpx.Client) -> None:
     assert json.loads(resumed.text.splitlines()[0])["event"]["eventId"] == listed[1]["eventId"]
 
 
-def test_an_error_mid_export_is_the_last_ndjson_line_and_the_calls_status(
-    mesh: Cluster, mesh_http: httpx.Client, audit_stub: audit_pb2_grpc.AuditServiceStub
-) -> None:
-    account = _register_json(mesh_http)
-    first, second = _poll(lambda: len(found := _json_events(mesh_http, account)) == 2 and found, "two events")
+@contextlib.contextmanager
+def damaged_second_event(mesh: Cluster, http: httpx.Client) -> Iterator[tuple[Account, dict, dict]]:
+    """A new account whose second event (of two) is damaged in the ledger (its metadata is no longer JSON), mended
+    on exit; yields the account and its two events as JSON."""
+    account = _register_json(http)
+    first, second = _poll(lambda: len(found := _json_events(http, account)) == 2 and found, "two events")
     schema, sequence = mesh.env["DATABASE_SCHEMA_PREFIX"] + "audit", int(second["sequence"])
     [original] = asyncio.run(_fetch(schema, "SELECT metadata FROM ledger WHERE sequence = $1", sequence))
     damage = "UPDATE ledger SET metadata = $1 WHERE sequence = $2"
     asyncio.run(_superuser_edit(schema, damage, "{broken", sequence))
     try:
+        yield account, first, second
+    finally:
+        asyncio.run(_superuser_edit(schema, damage, original["metadata"], sequence))
+
+
+def test_an_error_mid_export_is_the_last_ndjson_line_and_the_calls_status(
+    mesh: Cluster, mesh_http: httpx.Client, audit_stub: audit_pb2_grpc.AuditServiceStub
+) -> None:
+    with damaged_second_event(mesh, mesh_http) as (account, first, second):
         with mesh_http.stream("GET", "/v1/audit/events:export", headers=account.headers) as reply:
             assert reply.status_code == 200  # the first event went out before the damaged one was read
             lines = [json.loads(line) for line in reply.iter_lines() if line]
         assert lines[0]["event"]["eventId"] == first["eventId"] and len(lines) == 2
         error = lines[-1]["error"]
         assert error["code"] == grpc.StatusCode.DATA_LOSS.value[0] and json_reason(error) == "LEDGER_DAMAGED"
-        assert f"event {sequence} is damaged" in error["message"]
+        assert f"event {second['sequence']} is damaged" in error["message"]
         with pytest.raises(grpc.RpcError) as caught:
             list(audit_stub.ExportEvents(A.ExportEventsRequest(), metadata=account.metadata, timeout=30))
         assert caught.value.code() == grpc.StatusCode.DATA_LOSS and error_reason(caught.value) == "LEDGER_DAMAGED"
-    finally:
-        asyncio.run(_superuser_edit(schema, damage, original["metadata"], sequence))
     replies = list(audit_stub.ExportEvents(A.ExportEventsRequest(), metadata=account.metadata, timeout=30))
     assert [r.event.event_id for r in replies[:2]] == [first["eventId"], second["eventId"]]
     assert {r.event.action for r in replies[2:]} <= {"audit.events.export"}  # reading the trail is audited too

@@ -21,6 +21,7 @@ from tests.support.admin import create_admin
 from tests.support.clients import Account, error_reason, json_reason, register_and_login
 from tests.support.fake_llm import Behaviour, FakeChatModel
 from tests.support.mesh import Cluster, Server
+from voiceassist.common.v1 import clinical_pb2
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 
@@ -395,7 +396,7 @@ def test_phi_never_reaches_the_cloud_model(models: ModelSystem, knowledge: Knowl
 
     # PHI only in the clinical context: still local. The local model gets the context.
     models.local.reset()
-    context = R.ClinicalContext(age=93, notes="Lives with daughter Mary Jones.", medications=["metoprolol"])
+    context = clinical_pb2.ClinicalContext(age=93, notes="Lives with daughter Mary Jones.", medications=["metoprolol"])
     _, answer = _ask_fresh(models.stub, knowledge.user, QUESTION, clinical_context=context)
     assert answer.phi_detected and answer.model_used == "local:small-local"
     assert models.cloud.requests == [] and "Mary Jones" in models.local.prompts()[0]
@@ -422,7 +423,7 @@ def test_question_without_phi_goes_to_the_cloud_without_clinical_context_or_phi_
         timeout=60,
     )  # fmt: skip
     ask(PHI_QUESTION)  # an earlier turn with PHI, answered locally
-    answer = ask(QUESTION, clinical_context=R.ClinicalContext(sex="female", specialty="cardiology"))
+    answer = ask(QUESTION, clinical_context=clinical_pb2.ClinicalContext(sex="female", specialty="cardiology"))
     assert answer.model_used == "cloud:big-cloud" and answer.routing_reason == "no_phi_cloud_model"
     assert not answer.phi_detected
     (request,) = models.cloud.requests

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from services.core.settings import ROOT
+from services.core.status import error_info
 from tests.support.admin import create_admin
 from tests.support.clients import (
     Account,
@@ -124,7 +125,7 @@ def test_pdf_by_stream_and_markdown_as_json_are_indexed_and_found_with_pages_and
     assert streamed.status_code == 200
     assert streamed.json()[-1]["document"]["status"] == "DOCUMENT_STATUS_INDEXED"
 
-    query = {"query": f"colchicine for gout flares {word}", "limit": 5}
+    query = {"query": f"colchicine for gout flares {word}", "pageSize": 5}
     found = edge_http.post("/v1/search", json=query, headers=user.headers)
     assert found.status_code == 200, found.text
     top = found.json()["results"][0]
@@ -143,7 +144,7 @@ def test_pdf_by_stream_and_markdown_as_json_are_indexed_and_found_with_pages_and
 
     # Filters exclude: the PDF's specialty, source type and tag each rule the Markdown file out, and vice versa.
     def hits(filters: dict) -> set[str]:
-        body = {"query": f"{word} colchicine heart failure", "filters": filters, "limit": 50}
+        body = {"query": f"{word} colchicine heart failure", "filters": filters, "pageSize": 50}
         answer = edge_http.post("/v1/search", json=body, headers=user.headers)
         assert answer.status_code == 200, answer.text
         return {r["documentId"] for r in answer.json().get("results", [])}
@@ -163,8 +164,7 @@ def test_same_content_twice_is_already_exists_naming_the_first(
     first = edge_http.post("/v1/documents", json={"text": text}, headers=admin.headers).json()["document"]
     again = edge_http.post("/v1/documents", json={"text": text, "metadata": {"title": "x"}}, headers=admin.headers)
     assert again.status_code == 409 and json_reason(again.json()) == "DUPLICATE_DOCUMENT"
-    info = next(d for d in again.json()["details"] if d["@type"].endswith("ErrorInfo"))
-    assert info["metadata"]["document_id"] == first["id"]
+    assert error_info(again.json()).metadata["document_id"] == first["id"]
     with pytest.raises(grpc.RpcError) as caught:
         upload(search, admin, S.DocumentMetadata(media_type="text/plain"), text.encode(), piece=10)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(caught.value) == "DUPLICATE_DOCUMENT"
@@ -249,6 +249,7 @@ def test_oversized_stream_and_bad_search_input_are_refused(
     for request in (
         S.SearchRequest(query=""),
         S.SearchRequest(query="q" * 2001),
+        S.SearchRequest(query="ok", page_size=-1),
         S.SearchRequest(query="ok", limit=-1),
         S.SearchRequest(query="ok", filters=S.SearchFilters(document_ids=["not-a-uuid"])),
         S.SearchRequest(query="ok", page_token="garbage!"),
@@ -277,7 +278,7 @@ def test_delete_and_reindex_and_list(
     assert indexed.status == S.DOCUMENT_STATUS_INDEXED and indexed.metadata.title == "Sepsis bundle"
 
     def found(query: str) -> list[S.SearchResult]:
-        return list(search.Search(S.SearchRequest(query=query, limit=50), metadata=user.metadata).results)
+        return list(search.Search(S.SearchRequest(query=query, page_size=50), metadata=user.metadata).results)
 
     top = found(f"antibiotics {word}")[0]
     assert top.document_id == doc["id"] and top.title == "Sepsis bundle"
@@ -325,15 +326,37 @@ def test_search_pages_without_repeating_results(
     seen: list[str] = []
     token = ""
     while True:
-        reply = search.Search(
-            S.SearchRequest(query=f"warfarin {word}", limit=2, page_token=token, filters=S.SearchFilters(tags=[word])),
-            metadata=user.metadata,
+        request = S.SearchRequest(
+            query=f"warfarin {word}", page_size=2, page_token=token, filters=S.SearchFilters(tags=[word])
         )
+        reply = search.Search(request, metadata=user.metadata)
         seen += [r.document_id for r in reply.results]
         token = reply.next_page_token
         if not token:
             break
     assert sorted(seen) == sorted(ids)
+
+
+def test_search_reads_the_deprecated_limit_only_when_page_size_is_unset(
+    search: search_pb2_grpc.SearchServiceStub, edge_http: httpx.Client, accounts: tuple[Account, Account]
+) -> None:
+    admin, user = accounts
+    word = marker()
+    for n in range(3):
+        body = {"text": f"Digoxin note {n} {word}: check levels and potassium.", "metadata": {"tags": [word]}}
+        doc = edge_http.post("/v1/documents", json=body, headers=admin.headers).json()["document"]
+        assert watch(search, admin, doc["id"])[-1].document.status == S.DOCUMENT_STATUS_INDEXED
+
+    def found(sizes: dict[str, int]) -> int:
+        body = {"query": f"digoxin {word}", "filters": {"tags": [word]}, **sizes}
+        reply = edge_http.post("/v1/search", json=body, headers=user.headers)
+        assert reply.status_code == 200, reply.text
+        return len(reply.json()["results"])
+
+    # Clients of the first release send `limit` (field 3); page_size wins whenever it is set.
+    assert found({"limit": 2}) == 2
+    assert found({"pageSize": 3, "limit": 1}) == 3
+    assert found({"pageSize": 1, "limit": 3}) == 1
 
 
 @pytest.mark.mesh
@@ -378,7 +401,7 @@ def test_mesh_indexing_resumes_after_a_worker_is_killed_mid_document(tmp_path) -
             # Resumed, not restarted: progress never falls back to zero, because the new worker counts the chunks the
             # index already holds (the last batch before the kill may not have reached the disk, so not all of them).
             assert all(u.chunks_done > 0 for u in updates)
-            hits = stub.Search(S.SearchRequest(query=f"renal dosing {word}", limit=50), metadata=admin.metadata)
+            hits = stub.Search(S.SearchRequest(query=f"renal dosing {word}", page_size=50), metadata=admin.metadata)
             assert len({r.chunk_id for r in hits.results}) == min(50, final.chunks_total)
     finally:
         cluster.stop()
@@ -419,7 +442,7 @@ def test_mesh_a_batch_with_a_broken_document_indexes_the_others(tmp_path) -> Non
                 final = watch(stub, admin, document_id)[-1]
                 assert final.document.status == S.DOCUMENT_STATUS_INDEXED, final.document.error
                 assert final.chunks_done == final.chunks_total == final.document.chunk_count > 0
-            hits = stub.Search(S.SearchRequest(query=f"note {word}", limit=50), metadata=admin.metadata).results
+            hits = stub.Search(S.SearchRequest(query=f"note {word}", page_size=50), metadata=admin.metadata).results
             assert {r.document_id for r in hits} == set(good)
     finally:
         cluster.stop()
@@ -454,7 +477,7 @@ def test_cli_ingests_a_folder_and_searches_it_through_envoy(
     (tmp_path / "notes" / "asthma.md").write_text(f"# Asthma\n\nSalbutamol relieves bronchospasm {word}.\n")
     (tmp_path / "notes" / "ignored.bin").write_bytes(b"\x00\x01")
     (tmp_path / "gout.pdf").write_bytes(make_pdf([["Page one."], [f"Colchicine for gout {word}."]]))
-    base = {**os.environ, "VOICEASSIST_SERVER": embedded.envoy.address}
+    base = {**os.environ, "VOICEASSIST_ADDRESS": embedded.envoy.address}
 
     def cli(*args: str, token: str) -> subprocess.CompletedProcess:
         return subprocess.run(

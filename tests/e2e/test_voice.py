@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
+from services.core.errors import Reason
+from services.core.limits import RAG
 from services.core.settings import ROOT
+from services.core.status import error_of
 from services.voice.audio import resample
 from tests.e2e.test_search import watch
 from tests.support.admin import create_admin
@@ -42,6 +45,7 @@ from tests.support.voice import (
     word_errors,
 )
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
+from voiceassist.common.v1 import clinical_pb2
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
 from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
@@ -228,6 +232,43 @@ async def test_text_turns_answer_in_an_existing_conversation_without_speech(
     assert error_reason(other.error) == "NOT_FOUND" and other.received == []
 
 
+async def test_a_question_rag_refuses_fails_its_turn_with_rags_reason_and_the_session_goes_on(
+    voice: voice_pb2_grpc.VoiceServiceStub, library: Library
+) -> None:
+    # Voice leaves the question's bounds to rag, whose refusal reaches the client as the turn's error.
+    stream = ConverseStream.open(voice, library.user.metadata, config(synthesize_speech=False))
+    await stream.wait_for(kind_is("session_started"))
+    await stream.send(V.ConverseRequest(text="x" * (RAG.question_chars + 1)))
+    refused = await stream.wait_for(kind_is("error", turn=1))
+    await stream.send(V.ConverseRequest(text=TEXT_QUESTION))
+    answered = await stream.wait_for(kind_is("turn_completed", turn=2))
+    await stream.finish()
+    assert stream.error is None
+    error = error_of(refused.message.error)
+    assert error.status_code_name == "INVALID_ARGUMENT" and error.reason == Reason.VALIDATION_ERROR
+    assert [(v.field, v.reason) for v in error.violations] == [("query", "TOO_LONG")]
+    assert f"at most {RAG.question_chars} characters" in error.message
+    assert answered.message.turn_completed.message_id and stream.of_kind("answer_text", 2)
+
+
+async def test_a_clinical_context_rag_refuses_fails_each_turn_with_rags_field_and_the_session_goes_on(
+    voice: voice_pb2_grpc.VoiceServiceStub, library: Library
+) -> None:
+    notes = clinical_pb2.ClinicalContext(notes="x" * (RAG.context_notes_chars + 1))
+    stream = ConverseStream.open(voice, library.user.metadata, config(synthesize_speech=False, clinical_context=notes))
+    await stream.wait_for(kind_is("session_started"))  # voice does not judge the context: rag does, per question
+    for turn in (1, 2):
+        await stream.send(V.ConverseRequest(text=TEXT_QUESTION))
+        await stream.wait_for(kind_is("turn_completed", turn=turn))
+    await stream.finish()
+    assert stream.error is None
+    errors = [error_of(m.error) for m in stream.of_kind("error")]
+    assert [m.turn for m in stream.of_kind("error")] == [1, 2]
+    assert {(e.reason, e.status_code_name) for e in errors} == {(Reason.VALIDATION_ERROR, "INVALID_ARGUMENT")}
+    assert {v.field for e in errors for v in e.violations} == {"clinical_context.notes"}
+    assert not stream.of_kind("answer_text")
+
+
 @needs_speech
 async def test_speaking_over_the_answer_cancels_it_and_starts_the_next_turn(
     voice: voice_pb2_grpc.VoiceServiceStub, library: Library
@@ -290,8 +331,6 @@ BAD_CONVERSE_STARTS = {
                          "config.recognition.language_code"),
     "unknown_voice": (config(voice="klingon"), "config.voice"),
     "odd_output_rate": (config(output_sample_rate_hertz=11025), "config.output_sample_rate_hertz"),
-    "long_notes": (config(clinical_context=rag_pb2.ClinicalContext(notes="x" * 2001)),
-                   "config.clinical_context.notes"),
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import pytest
 from services.search.edge_index import EdgeIndex, IndexLocked
 from services.search.embeddings import DIMENSIONS
 from services.search.index import ChunkFilter, ChunkPoint, Mode, SearchQuery, VectorIndex, point_id, version_of
-from services.search.server_index import ServerIndex
+from services.search.qdrant_server_index import ServerIndex
 from services.search.sparse import Bm25Encoder
 
 ENCODER = Bm25Encoder()

@@ -8,9 +8,8 @@ from typing import Any
 
 import grpc
 import httpx
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from services.core.status import StatusSource, detail_of, error_info
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
 STRONG_PASSWORD = "zebra-Umbrella-42-tonic"
@@ -26,37 +25,19 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def error_reason(error: grpc.RpcError) -> str:
-    """The google.rpc.ErrorInfo reason of a failed call ("" when absent)."""
-    for detail in _details(error):
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
+def error_reason(error: StatusSource) -> str:
+    """The ErrorInfo reason of a failed call or a google.rpc.Status, as sent ("" when absent)."""
+    return error_info(error).reason
 
 
 def error_detail(error: grpc.RpcError, message_type: Any) -> Any | None:
     """The first detail of `message_type` (e.g. error_details_pb2.RetryInfo) in a failed call."""
-    for detail in _details(error):
-        if detail.Is(message_type.DESCRIPTOR):
-            found = message_type()
-            detail.Unpack(found)
-            return found
-    return None
-
-
-def _details(error: grpc.RpcError) -> list[Any]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    return list(status.details) if status else []
+    return detail_of(error, message_type)
 
 
 def json_reason(body: dict[str, Any]) -> str:
-    """The ErrorInfo reason inside a JSON google.rpc.Status."""
-    for detail in body.get("details", []):
-        if detail.get("@type", "").endswith("google.rpc.ErrorInfo"):
-            return detail.get("reason", "")
-    return ""
+    """The ErrorInfo reason inside a JSON google.rpc.Status, as sent ("" when absent)."""
+    return error_info(body).reason
 
 
 @dataclass

@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
+from services.audit import ledger_proofs as lp
 from services.audit import merkle
-from services.core import ledger_proofs as lp
 
 LEAVES = [lp.leaf_hash(hashlib.sha256(str(i).encode()).digest()) for i in range(600)]
 

@@ -1,4 +1,4 @@
-"""The independent verifier (services/core/ledger_proofs.py) against RFC 6962 reference vectors and tampering."""
+"""The independent verifier (services/audit/ledger_proofs.py) against RFC 6962 reference vectors and tampering."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import timestamp_pb2
 
-from services.core import ledger_proofs as lp
+from services.audit import ledger_proofs as lp
 from voiceassist.audit.v1 import audit_pb2
 
 # Certificate Transparency's reference leaves and the root of every tree size 0..8 (RFC 6962 test vectors, as

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
+from services.audit.ledger_proofs import ZERO_CHAIN
 from services.audit.store import ACTION_TYPE
 from services.core.db import UTCDateTime
-from services.core.ledger_proofs import ZERO_CHAIN
 
 revision = "0001"
 down_revision = None

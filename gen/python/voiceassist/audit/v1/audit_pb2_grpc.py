@@ -31,6 +31,21 @@ class AuditServiceStub:
     Every event gets a gapless sequence number, a leaf hash (RFC 6962, SHA-256) and a chain hash linking it to the
     previous event; the leaves form a Merkle tree whose signed checkpoints and inclusion and consistency proofs let
     anyone check the ledger without trusting this server. Events never hold PHI.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "audit.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the event does not exist or the caller may not see it.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - OUT_OF_RANGE: a sequence number or tree size beyond the tree; metadata `tree_size` says how big it is.
+    - BACKEND_UNAVAILABLE: the revocation store is unreachable while checking the access token; retry.
+    - LEDGER_DAMAGED: a stored event or tree node no longer reads back; the ledger needs an operator.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -87,6 +102,21 @@ class AuditServiceServicer:
     Every event gets a gapless sequence number, a leaf hash (RFC 6962, SHA-256) and a chain hash linking it to the
     previous event; the leaves form a Merkle tree whose signed checkpoints and inclusion and consistency proofs let
     anyone check the ledger without trusting this server. Events never hold PHI.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "audit.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the event does not exist or the caller may not see it.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - OUT_OF_RANGE: a sequence number or tree size beyond the tree; metadata `tree_size` says how big it is.
+    - BACKEND_UNAVAILABLE: the revocation store is unreachable while checking the access token; retry.
+    - LEDGER_DAMAGED: a stored event or tree node no longer reads back; the ledger needs an operator.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def ListEvents(self, request, context):
@@ -106,8 +136,9 @@ class AuditServiceServicer:
     def ExportEvents(self, request, context):
         """Streams every event that matches a filter, oldest first, for export and archiving (the retention path: events
         are never deleted). Through Envoy the stream is newline-delimited JSON. Same visibility rules as ListEvents.
-        An error after the first event arrives as a final message with `error` set (HTTP/1.1 clients cannot see
-        trailers); resume with after_sequence.
+        An error before the first message is the call's status (an HTTP error for JSON clients). An error after it is
+        sent as the last message, with `error` set, and the call then ends with the same status: JSON clients behind
+        Envoy cannot see trailers, gRPC clients get both. Resume an interrupted export with after_sequence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +240,21 @@ class AuditService:
     Every event gets a gapless sequence number, a leaf hash (RFC 6962, SHA-256) and a chain hash linking it to the
     previous event; the leaves form a Merkle tree whose signed checkpoints and inclusion and consistency proofs let
     anyone check the ledger without trusting this server. Events never hold PHI.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "audit.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the event does not exist or the caller may not see it.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - OUT_OF_RANGE: a sequence number or tree size beyond the tree; metadata `tree_size` says how big it is.
+    - BACKEND_UNAVAILABLE: the revocation store is unreachable while checking the access token; retry.
+    - LEDGER_DAMAGED: a stored event or tree node no longer reads back; the ledger needs an operator.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

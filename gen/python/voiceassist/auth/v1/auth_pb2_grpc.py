@@ -29,9 +29,25 @@ class AuthServiceStub:
     """AuthService owns accounts, passwords, signed tokens, their revocation and the per-client rate limits.
 
     Access tokens are short-lived JWTs signed with an asymmetric key; every other service and Envoy verify them
-    with the public keys returned by GetJwks. Refresh tokens are rotated on every use. Errors carry a
-    google.rpc.ErrorInfo whose reason is one of INVALID_CREDENTIALS, TOKEN_EXPIRED, TOKEN_REVOKED, TOKEN_INVALID,
-    WEAK_PASSWORD, EMAIL_TAKEN, VALIDATION_ERROR, RATE_LIMITED, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND.
+    with the public keys returned by GetJwks. Refresh tokens are rotated on every use.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "auth.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the account does not exist (UpdateUser; GetCurrentUser after the account was removed).
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method (ListUsers, UpdateUser).
+    - RATE_LIMITED: too many attempts from this address or on this account; google.rpc.RetryInfo says when to retry.
+    - INVALID_CREDENTIALS: wrong email or password (an unknown email answers the same), or a wrong current password.
+    - TOKEN_EXPIRED: the access or refresh token expired.
+    - TOKEN_REVOKED: the token was revoked; presenting a retired refresh token also revokes its whole family.
+    - TOKEN_INVALID: the token is malformed, signed by an unknown key or not a token of the expected kind.
+    - WEAK_PASSWORD: the password fails the policy; one google.rpc.BadRequest violation per problem.
+    - EMAIL_TAKEN: an account with the normalised email exists.
+    - ACCOUNT_DISABLED: an admin deactivated the account (Login).
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: an admin tried to demote or deactivate their own account.
+    - BACKEND_UNAVAILABLE: the rate-limit or revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -101,9 +117,25 @@ class AuthServiceServicer:
     """AuthService owns accounts, passwords, signed tokens, their revocation and the per-client rate limits.
 
     Access tokens are short-lived JWTs signed with an asymmetric key; every other service and Envoy verify them
-    with the public keys returned by GetJwks. Refresh tokens are rotated on every use. Errors carry a
-    google.rpc.ErrorInfo whose reason is one of INVALID_CREDENTIALS, TOKEN_EXPIRED, TOKEN_REVOKED, TOKEN_INVALID,
-    WEAK_PASSWORD, EMAIL_TAKEN, VALIDATION_ERROR, RATE_LIMITED, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND.
+    with the public keys returned by GetJwks. Refresh tokens are rotated on every use.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "auth.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the account does not exist (UpdateUser; GetCurrentUser after the account was removed).
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method (ListUsers, UpdateUser).
+    - RATE_LIMITED: too many attempts from this address or on this account; google.rpc.RetryInfo says when to retry.
+    - INVALID_CREDENTIALS: wrong email or password (an unknown email answers the same), or a wrong current password.
+    - TOKEN_EXPIRED: the access or refresh token expired.
+    - TOKEN_REVOKED: the token was revoked; presenting a retired refresh token also revokes its whole family.
+    - TOKEN_INVALID: the token is malformed, signed by an unknown key or not a token of the expected kind.
+    - WEAK_PASSWORD: the password fails the policy; one google.rpc.BadRequest violation per problem.
+    - EMAIL_TAKEN: an account with the normalised email exists.
+    - ACCOUNT_DISABLED: an admin deactivated the account (Login).
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: an admin tried to demote or deactivate their own account.
+    - BACKEND_UNAVAILABLE: the rate-limit or revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def Register(self, request, context):
@@ -257,9 +289,25 @@ class AuthService:
     """AuthService owns accounts, passwords, signed tokens, their revocation and the per-client rate limits.
 
     Access tokens are short-lived JWTs signed with an asymmetric key; every other service and Envoy verify them
-    with the public keys returned by GetJwks. Refresh tokens are rotated on every use. Errors carry a
-    google.rpc.ErrorInfo whose reason is one of INVALID_CREDENTIALS, TOKEN_EXPIRED, TOKEN_REVOKED, TOKEN_INVALID,
-    WEAK_PASSWORD, EMAIL_TAKEN, VALIDATION_ERROR, RATE_LIMITED, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND.
+    with the public keys returned by GetJwks. Refresh tokens are rotated on every use.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "auth.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the account does not exist (UpdateUser; GetCurrentUser after the account was removed).
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: the caller's role may not call the method (ListUsers, UpdateUser).
+    - RATE_LIMITED: too many attempts from this address or on this account; google.rpc.RetryInfo says when to retry.
+    - INVALID_CREDENTIALS: wrong email or password (an unknown email answers the same), or a wrong current password.
+    - TOKEN_EXPIRED: the access or refresh token expired.
+    - TOKEN_REVOKED: the token was revoked; presenting a retired refresh token also revokes its whole family.
+    - TOKEN_INVALID: the token is malformed, signed by an unknown key or not a token of the expected kind.
+    - WEAK_PASSWORD: the password fails the policy; one google.rpc.BadRequest violation per problem.
+    - EMAIL_TAKEN: an account with the normalised email exists.
+    - ACCOUNT_DISABLED: an admin deactivated the account (Login).
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: an admin tried to demote or deactivate their own account.
+    - BACKEND_UNAVAILABLE: the rate-limit or revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

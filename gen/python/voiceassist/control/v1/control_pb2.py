@@ -22,23 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$voiceassist/control/v1/control.proto\x12\x16voiceassist.control.v1\"I\n\x08\x45ndpoint\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x10\n\x08instance\x18\x04 \x01(\t\"\x83\x01\n\x17\x41nnounceEndpointRequest\x12\x32\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32 .voiceassist.control.v1.Endpoint\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.voiceassist.control.v1.EndpointState\"w\n\x18\x41nnounceEndpointResponse\x12\x34\n\x05state\x18\x01 \x01(\x0e\x32%.voiceassist.control.v1.EndpointState\x12\x14\n\x0c\x61\x63knowledged\x18\x02 \x01(\x05\x12\x0f\n\x07pending\x18\x03 \x01(\x05*\x89\x01\n\rEndpointState\x12\x1e\n\x1a\x45NDPOINT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NDPOINT_STATE_SERVING\x10\x01\x12\x1e\n\x1a\x45NDPOINT_STATE_NOT_SERVING\x10\x02\x12\x1c\n\x18\x45NDPOINT_STATE_WITHDRAWN\x10\x03\x32\x94\x01\n\x17\x45ndpointRegistryService\x12y\n\x10\x41nnounceEndpoint\x12/.voiceassist.control.v1.AnnounceEndpointRequest\x1a\x30.voiceassist.control.v1.AnnounceEndpointResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$voiceassist/control/v1/control.proto\x12\x16voiceassist.control.v1\x1a\x1fgoogle/api/field_behavior.proto\"[\n\x08\x45ndpoint\x12\x15\n\x07service\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04host\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04port\x18\x03 \x01(\rB\x04\xe2\x41\x01\x02\x12\x10\n\x08instance\x18\x04 \x01(\t\"\x89\x01\n\x17\x41nnounceEndpointRequest\x12\x32\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32 .voiceassist.control.v1.Endpoint\x12:\n\x05state\x18\x02 \x01(\x0e\x32%.voiceassist.control.v1.EndpointStateB\x04\xe2\x41\x01\x02\"w\n\x18\x41nnounceEndpointResponse\x12\x34\n\x05state\x18\x01 \x01(\x0e\x32%.voiceassist.control.v1.EndpointState\x12\x14\n\x0c\x61\x63knowledged\x18\x02 \x01(\x05\x12\x0f\n\x07pending\x18\x03 \x01(\x05*\x89\x01\n\rEndpointState\x12\x1e\n\x1a\x45NDPOINT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NDPOINT_STATE_SERVING\x10\x01\x12\x1e\n\x1a\x45NDPOINT_STATE_NOT_SERVING\x10\x02\x12\x1c\n\x18\x45NDPOINT_STATE_WITHDRAWN\x10\x03\x32\x94\x01\n\x17\x45ndpointRegistryService\x12y\n\x10\x41nnounceEndpoint\x12/.voiceassist.control.v1.AnnounceEndpointRequest\x1a\x30.voiceassist.control.v1.AnnounceEndpointResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voiceassist.control.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDPOINTSTATE']._serialized_start=395
-  _globals['_ENDPOINTSTATE']._serialized_end=532
-  _globals['_ENDPOINT']._serialized_start=64
-  _globals['_ENDPOINT']._serialized_end=137
-  _globals['_ANNOUNCEENDPOINTREQUEST']._serialized_start=140
-  _globals['_ANNOUNCEENDPOINTREQUEST']._serialized_end=271
-  _globals['_ANNOUNCEENDPOINTRESPONSE']._serialized_start=273
-  _globals['_ANNOUNCEENDPOINTRESPONSE']._serialized_end=392
-  _globals['_ENDPOINTREGISTRYSERVICE']._serialized_start=535
-  _globals['_ENDPOINTREGISTRYSERVICE']._serialized_end=683
+  _globals['_ENDPOINT'].fields_by_name['service']._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['service']._serialized_options = b'\342A\001\002'
+  _globals['_ENDPOINT'].fields_by_name['host']._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['host']._serialized_options = b'\342A\001\002'
+  _globals['_ENDPOINT'].fields_by_name['port']._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['port']._serialized_options = b'\342A\001\002'
+  _globals['_ANNOUNCEENDPOINTREQUEST'].fields_by_name['state']._loaded_options = None
+  _globals['_ANNOUNCEENDPOINTREQUEST'].fields_by_name['state']._serialized_options = b'\342A\001\002'
+  _globals['_ENDPOINTSTATE']._serialized_start=452
+  _globals['_ENDPOINTSTATE']._serialized_end=589
+  _globals['_ENDPOINT']._serialized_start=97
+  _globals['_ENDPOINT']._serialized_end=188
+  _globals['_ANNOUNCEENDPOINTREQUEST']._serialized_start=191
+  _globals['_ANNOUNCEENDPOINTREQUEST']._serialized_end=328
+  _globals['_ANNOUNCEENDPOINTRESPONSE']._serialized_start=330
+  _globals['_ANNOUNCEENDPOINTRESPONSE']._serialized_end=449
+  _globals['_ENDPOINTREGISTRYSERVICE']._serialized_start=592
+  _globals['_ENDPOINTREGISTRYSERVICE']._serialized_end=740
 # @@protoc_insertion_point(module_scope)

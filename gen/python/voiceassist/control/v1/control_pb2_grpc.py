@@ -30,8 +30,13 @@ class EndpointRegistryServiceStub:
     (EDS). Workers call it; Envoy never routes to it, and it is reachable on the private network only.
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
-    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Errors carry a
-    google.rpc.ErrorInfo whose reason is VALIDATION_ERROR (a malformed endpoint) or NOT_FOUND (an unknown service).
+    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
+    access token.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
+    - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
+    - NOT_FOUND: the endpoint names a service the registry does not know.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -52,8 +57,13 @@ class EndpointRegistryServiceServicer:
     (EDS). Workers call it; Envoy never routes to it, and it is reachable on the private network only.
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
-    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Errors carry a
-    google.rpc.ErrorInfo whose reason is VALIDATION_ERROR (a malformed endpoint) or NOT_FOUND (an unknown service).
+    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
+    access token.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
+    - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
+    - NOT_FOUND: the endpoint names a service the registry does not know.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def AnnounceEndpoint(self, request_iterator, context):
@@ -87,8 +97,13 @@ class EndpointRegistryService:
     (EDS). Workers call it; Envoy never routes to it, and it is reachable on the private network only.
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
-    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Errors carry a
-    google.rpc.ErrorInfo whose reason is VALIDATION_ERROR (a malformed endpoint) or NOT_FOUND (an unknown service).
+    (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
+    access token.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
+    - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
+    - NOT_FOUND: the endpoint names a service the registry does not know.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

@@ -1,9 +1,12 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
+from voiceassist.common.v1 import citation_pb2 as _citation_pb2
+from voiceassist.common.v1 import clinical_pb2 as _clinical_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -98,24 +101,6 @@ class Conversation(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., archived: _Optional[bool] = ..., settings: _Optional[_Union[ConversationSettings, _Mapping]] = ..., message_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
-class Citation(_message.Message):
-    __slots__ = ("index", "document_id", "title", "chunk_id", "snippet", "page", "score")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
-    TITLE_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
-    SNIPPET_FIELD_NUMBER: _ClassVar[int]
-    PAGE_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    document_id: str
-    title: str
-    chunk_id: str
-    snippet: str
-    page: int
-    score: float
-    def __init__(self, index: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., chunk_id: _Optional[str] = ..., snippet: _Optional[str] = ..., page: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
-
 class Message(_message.Message):
     __slots__ = ("id", "conversation_id", "role", "content", "citations", "model_used", "phi_detected", "phi_types", "client_message_id", "create_time")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -132,31 +117,13 @@ class Message(_message.Message):
     conversation_id: str
     role: MessageRole
     content: str
-    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    citations: _containers.RepeatedCompositeFieldContainer[_citation_pb2.Citation]
     model_used: str
     phi_detected: bool
     phi_types: _containers.RepeatedScalarFieldContainer[PhiType]
     client_message_id: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., role: _Optional[_Union[MessageRole, str]] = ..., content: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., model_used: _Optional[str] = ..., phi_detected: _Optional[bool] = ..., phi_types: _Optional[_Iterable[_Union[PhiType, str]]] = ..., client_message_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-
-class ClinicalContext(_message.Message):
-    __slots__ = ("specialty", "age", "sex", "medications", "conditions", "allergies", "notes")
-    SPECIALTY_FIELD_NUMBER: _ClassVar[int]
-    AGE_FIELD_NUMBER: _ClassVar[int]
-    SEX_FIELD_NUMBER: _ClassVar[int]
-    MEDICATIONS_FIELD_NUMBER: _ClassVar[int]
-    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
-    ALLERGIES_FIELD_NUMBER: _ClassVar[int]
-    NOTES_FIELD_NUMBER: _ClassVar[int]
-    specialty: str
-    age: int
-    sex: str
-    medications: _containers.RepeatedScalarFieldContainer[str]
-    conditions: _containers.RepeatedScalarFieldContainer[str]
-    allergies: _containers.RepeatedScalarFieldContainer[str]
-    notes: str
-    def __init__(self, specialty: _Optional[str] = ..., age: _Optional[int] = ..., sex: _Optional[str] = ..., medications: _Optional[_Iterable[str]] = ..., conditions: _Optional[_Iterable[str]] = ..., allergies: _Optional[_Iterable[str]] = ..., notes: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., role: _Optional[_Union[MessageRole, str]] = ..., content: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[_citation_pb2.Citation, _Mapping]]] = ..., model_used: _Optional[str] = ..., phi_detected: _Optional[bool] = ..., phi_types: _Optional[_Iterable[_Union[PhiType, str]]] = ..., client_message_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("phi_ms", "retrieval_ms", "generation_ms", "total_ms", "first_token_ms")
@@ -266,9 +233,9 @@ class AskRequest(_message.Message):
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     query: str
-    clinical_context: ClinicalContext
+    clinical_context: _clinical_pb2.ClinicalContext
     client_message_id: str
-    def __init__(self, conversation_id: _Optional[str] = ..., query: _Optional[str] = ..., clinical_context: _Optional[_Union[ClinicalContext, _Mapping]] = ..., client_message_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, conversation_id: _Optional[str] = ..., query: _Optional[str] = ..., clinical_context: _Optional[_Union[_clinical_pb2.ClinicalContext, _Mapping]] = ..., client_message_id: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("message_id", "content", "citations", "model_used", "phi_detected", "phi_types", "routing_reason", "timings", "question_message_id")
@@ -283,14 +250,14 @@ class AskResponse(_message.Message):
     QUESTION_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     content: str
-    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    citations: _containers.RepeatedCompositeFieldContainer[_citation_pb2.Citation]
     model_used: str
     phi_detected: bool
     phi_types: _containers.RepeatedScalarFieldContainer[PhiType]
     routing_reason: str
     timings: StageTimings
     question_message_id: str
-    def __init__(self, message_id: _Optional[str] = ..., content: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., model_used: _Optional[str] = ..., phi_detected: _Optional[bool] = ..., phi_types: _Optional[_Iterable[_Union[PhiType, str]]] = ..., routing_reason: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., question_message_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, message_id: _Optional[str] = ..., content: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[_citation_pb2.Citation, _Mapping]]] = ..., model_used: _Optional[str] = ..., phi_detected: _Optional[bool] = ..., phi_types: _Optional[_Iterable[_Union[PhiType, str]]] = ..., routing_reason: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., question_message_id: _Optional[str] = ...) -> None: ...
 
 class StreamAskRequest(_message.Message):
     __slots__ = ("conversation_id", "query", "clinical_context", "client_message_id")
@@ -300,15 +267,15 @@ class StreamAskRequest(_message.Message):
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     query: str
-    clinical_context: ClinicalContext
+    clinical_context: _clinical_pb2.ClinicalContext
     client_message_id: str
-    def __init__(self, conversation_id: _Optional[str] = ..., query: _Optional[str] = ..., clinical_context: _Optional[_Union[ClinicalContext, _Mapping]] = ..., client_message_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, conversation_id: _Optional[str] = ..., query: _Optional[str] = ..., clinical_context: _Optional[_Union[_clinical_pb2.ClinicalContext, _Mapping]] = ..., client_message_id: _Optional[str] = ...) -> None: ...
 
 class CitationList(_message.Message):
     __slots__ = ("citations",)
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
-    citations: _containers.RepeatedCompositeFieldContainer[Citation]
-    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[_citation_pb2.Citation]
+    def __init__(self, citations: _Optional[_Iterable[_Union[_citation_pb2.Citation, _Mapping]]] = ...) -> None: ...
 
 class StreamAskResponse(_message.Message):
     __slots__ = ("delta", "citations", "answer", "error")

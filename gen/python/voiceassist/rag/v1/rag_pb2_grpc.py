@@ -31,6 +31,19 @@ class RagServiceStub:
     Each question runs: PHI detection, knowledge base search, model routing (a question with PHI never reaches a
     cloud model), then an answer with numbered citations. A conversation belongs to one account; another account
     gets NOT_FOUND for it.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "rag.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation does not exist or belongs to another account.
+    - ALREADY_EXISTS: client_message_id was used before for another question in the conversation.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - BACKEND_UNAVAILABLE: knowledge base search or the model failed, or the revocation store is unreachable; retry.
+    - DEADLINE_EXCEEDED: a retry with the same client_message_id waited too long for the answer another call writes.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -92,6 +105,19 @@ class RagServiceServicer:
     Each question runs: PHI detection, knowledge base search, model routing (a question with PHI never reaches a
     cloud model), then an answer with numbered citations. A conversation belongs to one account; another account
     gets NOT_FOUND for it.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "rag.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation does not exist or belongs to another account.
+    - ALREADY_EXISTS: client_message_id was used before for another question in the conversation.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - BACKEND_UNAVAILABLE: knowledge base search or the model failed, or the revocation store is unreachable; retry.
+    - DEADLINE_EXCEEDED: a retry with the same client_message_id waited too long for the answer another call writes.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def CreateConversation(self, request, context):
@@ -144,8 +170,10 @@ class RagServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamAsk(self, request, context):
-        """Asks a question and streams the answer: text deltas, then the citations, then the complete answer. Errors
-        after the first message arrive as a final message with `error` set (HTTP/1.1 clients cannot see trailers).
+        """Asks a question and streams the answer: text deltas, then the citations, then the complete answer.
+        An error before the first message is the call's status (an HTTP error for JSON clients). An error after it is
+        sent as the last message, with `error` set, and the call then ends with the same status: JSON clients behind
+        Envoy cannot see trailers, gRPC clients get both.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +248,19 @@ class RagService:
     Each question runs: PHI detection, knowledge base search, model routing (a question with PHI never reaches a
     cloud model), then an answer with numbered citations. A conversation belongs to one account; another account
     gets NOT_FOUND for it.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "rag.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation does not exist or belongs to another account.
+    - ALREADY_EXISTS: client_message_id was used before for another question in the conversation.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - BACKEND_UNAVAILABLE: knowledge base search or the model failed, or the revocation store is unreachable; retry.
+    - DEADLINE_EXCEEDED: a retry with the same client_message_id waited too long for the answer another call writes.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

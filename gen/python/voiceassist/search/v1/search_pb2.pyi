@@ -1,7 +1,9 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -176,14 +178,16 @@ class WatchDocumentRequest(_message.Message):
     def __init__(self, document_id: _Optional[str] = ...) -> None: ...
 
 class WatchDocumentResponse(_message.Message):
-    __slots__ = ("document", "chunks_done", "chunks_total")
+    __slots__ = ("document", "chunks_done", "chunks_total", "error")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     document: Document
     chunks_done: int
     chunks_total: int
-    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SearchFilters(_message.Message):
     __slots__ = ("specialty", "source_type", "document_ids", "tags")
@@ -198,18 +202,20 @@ class SearchFilters(_message.Message):
     def __init__(self, specialty: _Optional[str] = ..., source_type: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "filters", "limit", "mode", "page_token")
+    __slots__ = ("query", "filters", "limit", "mode", "page_token", "page_size")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     query: str
     filters: SearchFilters
     limit: int
     mode: SearchMode
     page_token: str
-    def __init__(self, query: _Optional[str] = ..., filters: _Optional[_Union[SearchFilters, _Mapping]] = ..., limit: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., page_token: _Optional[str] = ...) -> None: ...
+    page_size: int
+    def __init__(self, query: _Optional[str] = ..., filters: _Optional[_Union[SearchFilters, _Mapping]] = ..., limit: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., page_token: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class Highlight(_message.Message):
     __slots__ = ("start", "end")

@@ -28,6 +28,22 @@ if _version_not_supported:
 class SearchServiceStub:
     """SearchService owns the medical knowledge base: documents, their parsing, chunking and indexing, and hybrid
     (dense + BM25) search over their chunks. Writes are for admins; reads and Search for any signed-in account.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "search.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the document does not exist.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: a write by an account that is not an admin.
+    - RATE_LIMITED: too many uploads in progress or the indexing queue is full; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - DUPLICATE_DOCUMENT: the same bytes were uploaded before; metadata names the existing document.
+    - UNSUPPORTED_MEDIA_TYPE: the file is not PDF, plain text, Markdown or HTML.
+    - PAYLOAD_TOO_LARGE: the upload or document is over its size limit; metadata `limit_bytes` says the limit.
+    - INVALID_PAGE_TOKEN: page_token is corrupt, was issued for another query or is past the paging depth.
+    - BACKEND_UNAVAILABLE: the indexing queue or the revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -81,6 +97,22 @@ class SearchServiceStub:
 class SearchServiceServicer:
     """SearchService owns the medical knowledge base: documents, their parsing, chunking and indexing, and hybrid
     (dense + BM25) search over their chunks. Writes are for admins; reads and Search for any signed-in account.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "search.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the document does not exist.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: a write by an account that is not an admin.
+    - RATE_LIMITED: too many uploads in progress or the indexing queue is full; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - DUPLICATE_DOCUMENT: the same bytes were uploaded before; metadata names the existing document.
+    - UNSUPPORTED_MEDIA_TYPE: the file is not PDF, plain text, Markdown or HTML.
+    - PAYLOAD_TOO_LARGE: the upload or document is over its size limit; metadata `limit_bytes` says the limit.
+    - INVALID_PAGE_TOKEN: page_token is corrupt, was issued for another query or is past the paging depth.
+    - BACKEND_UNAVAILABLE: the indexing queue or the revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def UploadDocument(self, request_iterator, context):
@@ -130,7 +162,10 @@ class SearchServiceServicer:
 
     def WatchDocument(self, request, context):
         """Streams a document's status and indexing progress until it is INDEXED or FAILED. The first message is the
-        current state.
+        current state; deleting the document while it is watched ends the stream with NOT_FOUND.
+        An error before the first message is the call's status (an HTTP error for JSON clients). An error after it is
+        sent as the last message, with `error` set, and the call then ends with the same status: JSON clients behind
+        Envoy cannot see trailers, gRPC clients get both.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +232,22 @@ def add_SearchServiceServicer_to_server(servicer, server):
 class SearchService:
     """SearchService owns the medical knowledge base: documents, their parsing, chunking and indexing, and hybrid
     (dense + BM25) search over their chunks. Writes are for admins; reads and Search for any signed-in account.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "search.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the document does not exist.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - PERMISSION_DENIED: a write by an account that is not an admin.
+    - RATE_LIMITED: too many uploads in progress or the indexing queue is full; google.rpc.RetryInfo says when to retry.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - DUPLICATE_DOCUMENT: the same bytes were uploaded before; metadata names the existing document.
+    - UNSUPPORTED_MEDIA_TYPE: the file is not PDF, plain text, Markdown or HTML.
+    - PAYLOAD_TOO_LARGE: the upload or document is over its size limit; metadata `limit_bytes` says the limit.
+    - INVALID_PAGE_TOKEN: page_token is corrupt, was issued for another query or is past the paging depth.
+    - BACKEND_UNAVAILABLE: the indexing queue or the revocation store is unreachable; retry.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

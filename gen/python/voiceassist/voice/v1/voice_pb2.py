@@ -23,65 +23,77 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
-from voiceassist.rag.v1 import rag_pb2 as voiceassist_dot_rag_dot_v1_dot_rag__pb2
+from voiceassist.common.v1 import citation_pb2 as voiceassist_dot_common_dot_v1_dot_citation__pb2
+from voiceassist.common.v1 import clinical_pb2 as voiceassist_dot_common_dot_v1_dot_clinical__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n voiceassist/voice/v1/voice.proto\x12\x14voiceassist.voice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1cvoiceassist/rag/v1/rag.proto\"\xab\x01\n\x11RecognitionConfig\x12\x35\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x15\n\rlanguage_code\x18\x03 \x01(\t\x12\x17\n\x0finterim_results\x18\x04 \x01(\x08\x12\x14\n\x0cphrase_hints\x18\x05 \x03(\t\"\x84\x02\n\x0e\x43onverseConfig\x12<\n\x0brecognition\x18\x01 \x01(\x0b\x32\'.voiceassist.voice.v1.RecognitionConfig\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x19\n\x11synthesize_speech\x18\x04 \x01(\x08\x12\x10\n\x08\x62\x61rge_in\x18\x05 \x01(\x08\x12 \n\x18output_sample_rate_hertz\x18\x06 \x01(\x05\x12=\n\x10\x63linical_context\x18\x07 \x01(\x0b\x32#.voiceassist.rag.v1.ClinicalContext\"\xb5\x01\n\x0f\x43onverseRequest\x12\x36\n\x06\x63onfig\x18\x01 \x01(\x0b\x32$.voiceassist.voice.v1.ConverseConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.ControlActionH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\t\n\x07request\"[\n\x0bSpeechEvent\x12\x33\n\x04type\x18\x01 \x01(\x0e\x32%.voiceassist.voice.v1.SpeechEventType\x12\x17\n\x0f\x61udio_offset_ms\x18\x02 \x01(\x03\"S\n\nTranscript\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\x95\x01\n\nAudioChunk\x12\x15\n\raudio_content\x18\x01 \x01(\x0c\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x12\x35\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x1b\n\nAnswerText\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\"B\n\x0f\x41nswerCitations\x12/\n\tcitations\x18\x01 \x03(\x0b\x32\x1c.voiceassist.rag.v1.Citation\"\x88\x01\n\x0bTurnTimings\x12\x1b\n\x13\x66inal_transcript_ms\x18\x01 \x01(\x02\x12\x1c\n\x14\x66irst_answer_text_ms\x18\x02 \x01(\x02\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x14\n\x0cutterance_ms\x18\x05 \x01(\x02\"\xa8\x01\n\rTurnCompleted\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x12\n\nmodel_used\x18\x03 \x01(\t\x12\x14\n\x0cphi_detected\x18\x04 \x01(\x08\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x32\n\x07timings\x18\x06 \x01(\x0b\x32!.voiceassist.voice.v1.TurnTimings\"=\n\x0eSessionStarted\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xec\x03\n\x10\x43onverseResponse\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12?\n\x0fsession_started\x18\x02 \x01(\x0b\x32$.voiceassist.voice.v1.SessionStartedH\x00\x12\x39\n\x0cspeech_event\x18\x03 \x01(\x0b\x32!.voiceassist.voice.v1.SpeechEventH\x00\x12\x36\n\ntranscript\x18\x04 \x01(\x0b\x32 .voiceassist.voice.v1.TranscriptH\x00\x12\x37\n\x0b\x61nswer_text\x18\x05 \x01(\x0b\x32 .voiceassist.voice.v1.AnswerTextH\x00\x12:\n\tcitations\x18\x06 \x01(\x0b\x32%.voiceassist.voice.v1.AnswerCitationsH\x00\x12\x31\n\x05\x61udio\x18\x07 \x01(\x0b\x32 .voiceassist.voice.v1.AudioChunkH\x00\x12=\n\x0eturn_completed\x18\x08 \x01(\x0b\x32#.voiceassist.voice.v1.TurnCompletedH\x00\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\n\n\x08response\"\xaa\x01\n\x11TranscribeRequest\x12\x39\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\'.voiceassist.voice.v1.RecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.ControlActionH\x00\x42\t\n\x07request\"\xcb\x01\n\x12TranscribeResponse\x12\x11\n\tutterance\x18\x01 \x01(\x05\x12\x39\n\x0cspeech_event\x18\x02 \x01(\x0b\x32!.voiceassist.voice.v1.SpeechEventH\x00\x12\x36\n\ntranscript\x18\x03 \x01(\x0b\x32 .voiceassist.voice.v1.TranscriptH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\n\n\x08response\"\x82\x01\n\x11SynthesizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x19\n\x11sample_rate_hertz\x18\x03 \x01(\x05\x12\x35\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncoding\"h\n\x12SynthesizeResponse\x12/\n\x05\x61udio\x18\x01 \x01(\x0b\x32 .voiceassist.voice.v1.AudioChunk\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"Q\n\x11ListVoicesRequest\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elanguage_codes\x18\x02 \x03(\t\x12!\n\x19natural_sample_rate_hertz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"Z\n\x12ListVoicesResponse\x12+\n\x06voices\x18\x01 \x03(\x0b\x32\x1b.voiceassist.voice.v1.Voice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*L\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01*\x9e\x01\n\x0fSpeechEventType\x12!\n\x1dSPEECH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12$\n SPEECH_EVENT_TYPE_SPEECH_STARTED\x10\x01\x12\"\n\x1eSPEECH_EVENT_TYPE_SPEECH_ENDED\x10\x02\x12\x1e\n\x1aSPEECH_EVENT_TYPE_BARGE_IN\x10\x03*x\n\rControlAction\x12\x1e\n\x1a\x43ONTROL_ACTION_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONTROL_ACTION_END_OF_UTTERANCE\x10\x01\x12\"\n\x1e\x43ONTROL_ACTION_CANCEL_RESPONSE\x10\x02\x32\xd2\x03\n\x0cVoiceService\x12]\n\x08\x43onverse\x12%.voiceassist.voice.v1.ConverseRequest\x1a&.voiceassist.voice.v1.ConverseResponse(\x01\x30\x01\x12\x63\n\nTranscribe\x12\'.voiceassist.voice.v1.TranscribeRequest\x1a(.voiceassist.voice.v1.TranscribeResponse(\x01\x30\x01\x12\x85\x01\n\nSynthesize\x12\'.voiceassist.voice.v1.SynthesizeRequest\x1a(.voiceassist.voice.v1.SynthesizeResponse\"\"\x90\x02\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/voice:synthesize:\x01*0\x01\x12v\n\nListVoices\x12\'.voiceassist.voice.v1.ListVoicesRequest\x1a(.voiceassist.voice.v1.ListVoicesResponse\"\x15\x90\x02\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/voicesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n voiceassist/voice/v1/voice.proto\x12\x14voiceassist.voice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a$voiceassist/common/v1/citation.proto\x1a$voiceassist/common/v1/clinical.proto\"\xb7\x01\n\x11RecognitionConfig\x12;\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncodingB\x04\xe2\x41\x01\x02\x12\x1f\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x15\n\rlanguage_code\x18\x03 \x01(\t\x12\x17\n\x0finterim_results\x18\x04 \x01(\x08\x12\x14\n\x0cphrase_hints\x18\x05 \x03(\t\"\x93\x02\n\x0e\x43onverseConfig\x12\x42\n\x0brecognition\x18\x01 \x01(\x0b\x32\'.voiceassist.voice.v1.RecognitionConfigB\x04\xe2\x41\x01\x02\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x19\n\x11synthesize_speech\x18\x04 \x01(\x08\x12\x10\n\x08\x62\x61rge_in\x18\x05 \x01(\x08\x12 \n\x18output_sample_rate_hertz\x18\x06 \x01(\x05\x12\x46\n\x10\x63linical_context\x18\x07 \x01(\x0b\x32&.voiceassist.common.v1.ClinicalContextB\x04\xe2\x41\x01\x01\"\xb5\x01\n\x0f\x43onverseRequest\x12\x36\n\x06\x63onfig\x18\x01 \x01(\x0b\x32$.voiceassist.voice.v1.ConverseConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.ControlActionH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\t\n\x07request\"[\n\x0bSpeechEvent\x12\x33\n\x04type\x18\x01 \x01(\x0e\x32%.voiceassist.voice.v1.SpeechEventType\x12\x17\n\x0f\x61udio_offset_ms\x18\x02 \x01(\x03\"S\n\nTranscript\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x11\n\tstability\x18\x03 \x01(\x02\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\x95\x01\n\nAudioChunk\x12\x15\n\raudio_content\x18\x01 \x01(\x0c\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x12\x35\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x1b\n\nAnswerText\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\"E\n\x0f\x41nswerCitations\x12\x32\n\tcitations\x18\x01 \x03(\x0b\x32\x1f.voiceassist.common.v1.Citation\"\x88\x01\n\x0bTurnTimings\x12\x1b\n\x13\x66inal_transcript_ms\x18\x01 \x01(\x02\x12\x1c\n\x14\x66irst_answer_text_ms\x18\x02 \x01(\x02\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x14\n\x0cutterance_ms\x18\x05 \x01(\x02\"\xa8\x01\n\rTurnCompleted\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x12\n\nmodel_used\x18\x03 \x01(\t\x12\x14\n\x0cphi_detected\x18\x04 \x01(\x08\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x32\n\x07timings\x18\x06 \x01(\x0b\x32!.voiceassist.voice.v1.TurnTimings\"=\n\x0eSessionStarted\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xec\x03\n\x10\x43onverseResponse\x12\x0c\n\x04turn\x18\x01 \x01(\x05\x12?\n\x0fsession_started\x18\x02 \x01(\x0b\x32$.voiceassist.voice.v1.SessionStartedH\x00\x12\x39\n\x0cspeech_event\x18\x03 \x01(\x0b\x32!.voiceassist.voice.v1.SpeechEventH\x00\x12\x36\n\ntranscript\x18\x04 \x01(\x0b\x32 .voiceassist.voice.v1.TranscriptH\x00\x12\x37\n\x0b\x61nswer_text\x18\x05 \x01(\x0b\x32 .voiceassist.voice.v1.AnswerTextH\x00\x12:\n\tcitations\x18\x06 \x01(\x0b\x32%.voiceassist.voice.v1.AnswerCitationsH\x00\x12\x31\n\x05\x61udio\x18\x07 \x01(\x0b\x32 .voiceassist.voice.v1.AudioChunkH\x00\x12=\n\x0eturn_completed\x18\x08 \x01(\x0b\x32#.voiceassist.voice.v1.TurnCompletedH\x00\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\n\n\x08response\"\xaa\x01\n\x11TranscribeRequest\x12\x39\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\'.voiceassist.voice.v1.RecognitionConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32#.voiceassist.voice.v1.ControlActionH\x00\x42\t\n\x07request\"\xcb\x01\n\x12TranscribeResponse\x12\x11\n\tutterance\x18\x01 \x01(\x05\x12\x39\n\x0cspeech_event\x18\x02 \x01(\x0b\x32!.voiceassist.voice.v1.SpeechEventH\x00\x12\x36\n\ntranscript\x18\x03 \x01(\x0b\x32 .voiceassist.voice.v1.TranscriptH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\n\n\x08response\"\x88\x01\n\x11SynthesizeRequest\x12\x12\n\x04text\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x19\n\x11sample_rate_hertz\x18\x03 \x01(\x05\x12\x35\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32#.voiceassist.voice.v1.AudioEncoding\"h\n\x12SynthesizeResponse\x12/\n\x05\x61udio\x18\x01 \x01(\x0b\x32 .voiceassist.voice.v1.AudioChunk\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"Q\n\x11ListVoicesRequest\x12\x15\n\rlanguage_code\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elanguage_codes\x18\x02 \x03(\t\x12!\n\x19natural_sample_rate_hertz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"Z\n\x12ListVoicesResponse\x12+\n\x06voices\x18\x01 \x03(\x0b\x32\x1b.voiceassist.voice.v1.Voice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*L\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01*\x9e\x01\n\x0fSpeechEventType\x12!\n\x1dSPEECH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12$\n SPEECH_EVENT_TYPE_SPEECH_STARTED\x10\x01\x12\"\n\x1eSPEECH_EVENT_TYPE_SPEECH_ENDED\x10\x02\x12\x1e\n\x1aSPEECH_EVENT_TYPE_BARGE_IN\x10\x03*x\n\rControlAction\x12\x1e\n\x1a\x43ONTROL_ACTION_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONTROL_ACTION_END_OF_UTTERANCE\x10\x01\x12\"\n\x1e\x43ONTROL_ACTION_CANCEL_RESPONSE\x10\x02\x32\xd2\x03\n\x0cVoiceService\x12]\n\x08\x43onverse\x12%.voiceassist.voice.v1.ConverseRequest\x1a&.voiceassist.voice.v1.ConverseResponse(\x01\x30\x01\x12\x63\n\nTranscribe\x12\'.voiceassist.voice.v1.TranscribeRequest\x1a(.voiceassist.voice.v1.TranscribeResponse(\x01\x30\x01\x12\x85\x01\n\nSynthesize\x12\'.voiceassist.voice.v1.SynthesizeRequest\x1a(.voiceassist.voice.v1.SynthesizeResponse\"\"\x90\x02\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/voice:synthesize:\x01*0\x01\x12v\n\nListVoices\x12\'.voiceassist.voice.v1.ListVoicesRequest\x1a(.voiceassist.voice.v1.ListVoicesResponse\"\x15\x90\x02\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/voicesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voiceassist.voice.v1.voice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECOGNITIONCONFIG'].fields_by_name['encoding']._loaded_options = None
+  _globals['_RECOGNITIONCONFIG'].fields_by_name['encoding']._serialized_options = b'\342A\001\002'
+  _globals['_RECOGNITIONCONFIG'].fields_by_name['sample_rate_hertz']._loaded_options = None
+  _globals['_RECOGNITIONCONFIG'].fields_by_name['sample_rate_hertz']._serialized_options = b'\342A\001\002'
+  _globals['_CONVERSECONFIG'].fields_by_name['recognition']._loaded_options = None
+  _globals['_CONVERSECONFIG'].fields_by_name['recognition']._serialized_options = b'\342A\001\002'
+  _globals['_CONVERSECONFIG'].fields_by_name['clinical_context']._loaded_options = None
+  _globals['_CONVERSECONFIG'].fields_by_name['clinical_context']._serialized_options = b'\342A\001\001'
+  _globals['_SYNTHESIZEREQUEST'].fields_by_name['text']._loaded_options = None
+  _globals['_SYNTHESIZEREQUEST'].fields_by_name['text']._serialized_options = b'\342A\001\002'
   _globals['_VOICESERVICE'].methods_by_name['Synthesize']._loaded_options = None
   _globals['_VOICESERVICE'].methods_by_name['Synthesize']._serialized_options = b'\220\002\001\202\323\344\223\002\031\"\024/v1/voice:synthesize:\001*'
   _globals['_VOICESERVICE'].methods_by_name['ListVoices']._loaded_options = None
   _globals['_VOICESERVICE'].methods_by_name['ListVoices']._serialized_options = b'\220\002\001\202\323\344\223\002\014\022\n/v1/voices'
-  _globals['_AUDIOENCODING']._serialized_start=2950
-  _globals['_AUDIOENCODING']._serialized_end=3026
-  _globals['_SPEECHEVENTTYPE']._serialized_start=3029
-  _globals['_SPEECHEVENTTYPE']._serialized_end=3187
-  _globals['_CONTROLACTION']._serialized_start=3189
-  _globals['_CONTROLACTION']._serialized_end=3309
-  _globals['_RECOGNITIONCONFIG']._serialized_start=144
-  _globals['_RECOGNITIONCONFIG']._serialized_end=315
-  _globals['_CONVERSECONFIG']._serialized_start=318
-  _globals['_CONVERSECONFIG']._serialized_end=578
-  _globals['_CONVERSEREQUEST']._serialized_start=581
-  _globals['_CONVERSEREQUEST']._serialized_end=762
-  _globals['_SPEECHEVENT']._serialized_start=764
-  _globals['_SPEECHEVENT']._serialized_end=855
-  _globals['_TRANSCRIPT']._serialized_start=857
-  _globals['_TRANSCRIPT']._serialized_end=940
-  _globals['_AUDIOCHUNK']._serialized_start=943
-  _globals['_AUDIOCHUNK']._serialized_end=1092
-  _globals['_ANSWERTEXT']._serialized_start=1094
-  _globals['_ANSWERTEXT']._serialized_end=1121
-  _globals['_ANSWERCITATIONS']._serialized_start=1123
-  _globals['_ANSWERCITATIONS']._serialized_end=1189
-  _globals['_TURNTIMINGS']._serialized_start=1192
-  _globals['_TURNTIMINGS']._serialized_end=1328
-  _globals['_TURNCOMPLETED']._serialized_start=1331
-  _globals['_TURNCOMPLETED']._serialized_end=1499
-  _globals['_SESSIONSTARTED']._serialized_start=1501
-  _globals['_SESSIONSTARTED']._serialized_end=1562
-  _globals['_CONVERSERESPONSE']._serialized_start=1565
-  _globals['_CONVERSERESPONSE']._serialized_end=2057
-  _globals['_TRANSCRIBEREQUEST']._serialized_start=2060
-  _globals['_TRANSCRIBEREQUEST']._serialized_end=2230
-  _globals['_TRANSCRIBERESPONSE']._serialized_start=2233
-  _globals['_TRANSCRIBERESPONSE']._serialized_end=2436
-  _globals['_SYNTHESIZEREQUEST']._serialized_start=2439
-  _globals['_SYNTHESIZEREQUEST']._serialized_end=2569
-  _globals['_SYNTHESIZERESPONSE']._serialized_start=2571
-  _globals['_SYNTHESIZERESPONSE']._serialized_end=2675
-  _globals['_LISTVOICESREQUEST']._serialized_start=2677
-  _globals['_LISTVOICESREQUEST']._serialized_end=2758
-  _globals['_VOICE']._serialized_start=2760
-  _globals['_VOICE']._serialized_end=2856
-  _globals['_LISTVOICESRESPONSE']._serialized_start=2858
-  _globals['_LISTVOICESRESPONSE']._serialized_end=2948
-  _globals['_VOICESERVICE']._serialized_start=3312
-  _globals['_VOICESERVICE']._serialized_end=3778
+  _globals['_AUDIOENCODING']._serialized_start=3065
+  _globals['_AUDIOENCODING']._serialized_end=3141
+  _globals['_SPEECHEVENTTYPE']._serialized_start=3144
+  _globals['_SPEECHEVENTTYPE']._serialized_end=3302
+  _globals['_CONTROLACTION']._serialized_start=3304
+  _globals['_CONTROLACTION']._serialized_end=3424
+  _globals['_RECOGNITIONCONFIG']._serialized_start=223
+  _globals['_RECOGNITIONCONFIG']._serialized_end=406
+  _globals['_CONVERSECONFIG']._serialized_start=409
+  _globals['_CONVERSECONFIG']._serialized_end=684
+  _globals['_CONVERSEREQUEST']._serialized_start=687
+  _globals['_CONVERSEREQUEST']._serialized_end=868
+  _globals['_SPEECHEVENT']._serialized_start=870
+  _globals['_SPEECHEVENT']._serialized_end=961
+  _globals['_TRANSCRIPT']._serialized_start=963
+  _globals['_TRANSCRIPT']._serialized_end=1046
+  _globals['_AUDIOCHUNK']._serialized_start=1049
+  _globals['_AUDIOCHUNK']._serialized_end=1198
+  _globals['_ANSWERTEXT']._serialized_start=1200
+  _globals['_ANSWERTEXT']._serialized_end=1227
+  _globals['_ANSWERCITATIONS']._serialized_start=1229
+  _globals['_ANSWERCITATIONS']._serialized_end=1298
+  _globals['_TURNTIMINGS']._serialized_start=1301
+  _globals['_TURNTIMINGS']._serialized_end=1437
+  _globals['_TURNCOMPLETED']._serialized_start=1440
+  _globals['_TURNCOMPLETED']._serialized_end=1608
+  _globals['_SESSIONSTARTED']._serialized_start=1610
+  _globals['_SESSIONSTARTED']._serialized_end=1671
+  _globals['_CONVERSERESPONSE']._serialized_start=1674
+  _globals['_CONVERSERESPONSE']._serialized_end=2166
+  _globals['_TRANSCRIBEREQUEST']._serialized_start=2169
+  _globals['_TRANSCRIBEREQUEST']._serialized_end=2339
+  _globals['_TRANSCRIBERESPONSE']._serialized_start=2342
+  _globals['_TRANSCRIBERESPONSE']._serialized_end=2545
+  _globals['_SYNTHESIZEREQUEST']._serialized_start=2548
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=2684
+  _globals['_SYNTHESIZERESPONSE']._serialized_start=2686
+  _globals['_SYNTHESIZERESPONSE']._serialized_end=2790
+  _globals['_LISTVOICESREQUEST']._serialized_start=2792
+  _globals['_LISTVOICESREQUEST']._serialized_end=2873
+  _globals['_VOICE']._serialized_start=2875
+  _globals['_VOICE']._serialized_end=2971
+  _globals['_LISTVOICESRESPONSE']._serialized_start=2973
+  _globals['_LISTVOICESRESPONSE']._serialized_end=3063
+  _globals['_VOICESERVICE']._serialized_start=3427
+  _globals['_VOICESERVICE']._serialized_end=3893
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,8 @@
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.rpc import status_pb2 as _status_pb2
-from voiceassist.rag.v1 import rag_pb2 as _rag_pb2
+from voiceassist.common.v1 import citation_pb2 as _citation_pb2
+from voiceassist.common.v1 import clinical_pb2 as _clinical_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -66,8 +68,8 @@ class ConverseConfig(_message.Message):
     synthesize_speech: bool
     barge_in: bool
     output_sample_rate_hertz: int
-    clinical_context: _rag_pb2.ClinicalContext
-    def __init__(self, recognition: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., conversation_id: _Optional[str] = ..., voice: _Optional[str] = ..., synthesize_speech: _Optional[bool] = ..., barge_in: _Optional[bool] = ..., output_sample_rate_hertz: _Optional[int] = ..., clinical_context: _Optional[_Union[_rag_pb2.ClinicalContext, _Mapping]] = ...) -> None: ...
+    clinical_context: _clinical_pb2.ClinicalContext
+    def __init__(self, recognition: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., conversation_id: _Optional[str] = ..., voice: _Optional[str] = ..., synthesize_speech: _Optional[bool] = ..., barge_in: _Optional[bool] = ..., output_sample_rate_hertz: _Optional[int] = ..., clinical_context: _Optional[_Union[_clinical_pb2.ClinicalContext, _Mapping]] = ...) -> None: ...
 
 class ConverseRequest(_message.Message):
     __slots__ = ("config", "audio_content", "control", "text")
@@ -124,8 +126,8 @@ class AnswerText(_message.Message):
 class AnswerCitations(_message.Message):
     __slots__ = ("citations",)
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
-    citations: _containers.RepeatedCompositeFieldContainer[_rag_pb2.Citation]
-    def __init__(self, citations: _Optional[_Iterable[_Union[_rag_pb2.Citation, _Mapping]]] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[_citation_pb2.Citation]
+    def __init__(self, citations: _Optional[_Iterable[_Union[_citation_pb2.Citation, _Mapping]]] = ...) -> None: ...
 
 class TurnTimings(_message.Message):
     __slots__ = ("final_transcript_ms", "first_answer_text_ms", "first_audio_ms", "total_ms", "utterance_ms")

@@ -30,6 +30,23 @@ class VoiceServiceStub:
 
     Converse follows the shape of Google Speech's StreamingRecognize: the first request carries the session
     configuration, later requests carry audio or control messages. Recognition and synthesis run offline.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "voice.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation is another account's. Converse relays the rag service's errors about the
+    conversation and its answers with rag's reason, code and details.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - RATE_LIMITED: the process or the account holds as many streams as allowed; google.rpc.RetryInfo says when.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: a question arrived while another one waits for the answer in progress (no barge-in).
+    - BACKEND_UNAVAILABLE: recognition, synthesis, the rag service or the revocation store failed; retry.
+    - DEADLINE_EXCEEDED: no answer arrived within the answer timeout.
+    - IDLE_TIMEOUT: the stream carried no message for too long; it is closed.
+    - SESSION_TOO_LONG: the stream reached its maximum length; open a new one.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def __init__(self, channel):
@@ -65,12 +82,32 @@ class VoiceServiceServicer:
 
     Converse follows the shape of Google Speech's StreamingRecognize: the first request carries the session
     configuration, later requests carry audio or control messages. Recognition and synthesis run offline.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "voice.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation is another account's. Converse relays the rag service's errors about the
+    conversation and its answers with rag's reason, code and details.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - RATE_LIMITED: the process or the account holds as many streams as allowed; google.rpc.RetryInfo says when.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: a question arrived while another one waits for the answer in progress (no barge-in).
+    - BACKEND_UNAVAILABLE: recognition, synthesis, the rag service or the revocation store failed; retry.
+    - DEADLINE_EXCEEDED: no answer arrived within the answer timeout.
+    - IDLE_TIMEOUT: the stream carried no message for too long; it is closed.
+    - SESSION_TOO_LONG: the stream reached its maximum length; open a new one.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     def Converse(self, request_iterator, context):
         """A spoken conversation: audio in; speech events, interim and final transcripts, answer text, citations,
         synthesized audio and turn events out. Speaking while an answer plays interrupts it (barge-in) when enabled.
         gRPC only.
+        An error before the first message is the call's status. A fatal error after it is sent as the last message,
+        with `error` set, and the call then ends with the same status (e.g. IDLE_TIMEOUT, SESSION_TOO_LONG, a malformed
+        message). A recoverable error (an answer that failed) is a message with `error` set and the session goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +115,9 @@ class VoiceServiceServicer:
 
     def Transcribe(self, request_iterator, context):
         """Speech-to-text only: audio in, speech events and transcripts out. gRPC only.
+        An error before the first message is the call's status. A fatal error after it is sent as the last message,
+        with `error` set, and the call then ends with the same status. A recoverable error (the recognizer
+        failed for one utterance) is a message with `error` set and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +126,9 @@ class VoiceServiceServicer:
     def Synthesize(self, request, context):
         """Speaks a text, streaming audio sentence by sentence so playback can start before the whole text is
         synthesized. Through Envoy the audio is base64 in a JSON stream.
+        An error before the first message is the call's status (an HTTP error for JSON clients). An error after it is
+        sent as the last message, with `error` set, and the call then ends with the same status: JSON clients behind
+        Envoy cannot see trailers, gRPC clients get both.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +177,23 @@ class VoiceService:
 
     Converse follows the shape of Google Speech's StreamingRecognize: the first request carries the session
     configuration, later requests carry audio or control messages. Recognition and synthesis run offline.
+
+    Error reasons (google.rpc.ErrorInfo.reason; domain "voice.voiceassist"):
+    - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
+    - NOT_FOUND: the conversation is another account's. Converse relays the rag service's errors about the
+    conversation and its answers with rag's reason, code and details.
+    - UNAUTHENTICATED: the method needs an access token and the call carries none.
+    - RATE_LIMITED: the process or the account holds as many streams as allowed; google.rpc.RetryInfo says when.
+    - TOKEN_EXPIRED: the access token expired; refresh it.
+    - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
+    - TOKEN_INVALID: the access token is malformed, signed by an unknown key or not an access token of this system.
+    - INVALID_PAGE_TOKEN: page_token is corrupt or was issued for another query.
+    - FAILED_PRECONDITION: a question arrived while another one waits for the answer in progress (no barge-in).
+    - BACKEND_UNAVAILABLE: recognition, synthesis, the rag service or the revocation store failed; retry.
+    - DEADLINE_EXCEEDED: no answer arrived within the answer timeout.
+    - IDLE_TIMEOUT: the stream carried no message for too long; it is closed.
+    - SESSION_TOO_LONG: the stream reached its maximum length; open a new one.
+    - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
     @staticmethod

@@ -30,10 +30,15 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+if TYPE_CHECKING:  # the message types only: at run time this module needs no generated code
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from voiceassist.audit.v1.audit_pb2 import Checkpoint, Event
 
 HASH_SIZE = 32
 CANONICAL_VERSION = 1
@@ -45,9 +50,10 @@ _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _json_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 # The same encoding without JSONEncoder's per-call Python overhead, where CPython's C encoder is present:
 # VerifyIntegrity encodes every event of the ledger (a third of its time at a million events).
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # private to CPython's json: typeshed omits it
 _c_encoder = (
-    json.encoder.c_make_encoder(None, None, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-    if json.encoder.c_make_encoder is not None
+    _c_make_encoder(None, None, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    if _c_make_encoder is not None
     else None
 )
 
@@ -96,12 +102,12 @@ def chain_hashes(previous: bytes, leaves: Sequence[bytes]) -> list[bytes]:
     return chained
 
 
-def timestamp_micros(stamp: Any) -> int:
+def timestamp_micros(stamp: Timestamp) -> int:
     """Microseconds since the epoch of a google.protobuf.Timestamp (the ledger keeps microseconds)."""
     return stamp.seconds * 1_000_000 + stamp.nanos // 1000
 
 
-def event_values(event: Any) -> tuple[Any, ...]:
+def event_values(event: Event) -> tuple[Any, ...]:
     """The canonical field values of an audit_pb2.Event as returned by the audit service."""
     return (
         event.sequence,
@@ -126,7 +132,7 @@ def event_values(event: Any) -> tuple[Any, ...]:
     )
 
 
-def event_leaf_hash(event: Any) -> bytes:
+def event_leaf_hash(event: Event) -> bytes:
     """The leaf hash of an audit_pb2.Event, recomputed from its fields (never read from `event.leaf_hash`)."""
     return leaf_hash(canonical_bytes(event_values(event)))
 
@@ -239,7 +245,7 @@ def verify_checkpoint(
     return True
 
 
-def verify_checkpoint_message(checkpoint: Any, public_key: bytes, expected_origin: str | None = None) -> bool:
+def verify_checkpoint_message(checkpoint: Checkpoint, public_key: bytes, expected_origin: str | None = None) -> bool:
     """`verify_checkpoint` for an audit_pb2.Checkpoint."""
     return verify_checkpoint(
         origin=checkpoint.origin,
