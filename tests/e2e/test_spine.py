@@ -244,7 +244,8 @@ async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
         metrics_port = free_port()
         # Slow logins: argon2id with t=8 behind the hashing semaphore makes 50 of them take seconds.
         server = cluster.start(
-            "auth", metrics_port=metrics_port, AUTH_LOGIN_PER_MINUTE="1000", AUTH_ARGON2_TIME_COST="8"
+            "auth", metrics_port=metrics_port, AUTH_LOGIN_PER_MINUTE="1000", AUTH_ARGON2_TIME_COST="8",
+            SHUTDOWN_GRACE_SECONDS="120",  # the default 20 s is not the point: a busy machine takes longer
         )
         email = unique_email()
         async with grpc.aio.insecure_channel(server.address) as channel:
