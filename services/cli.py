@@ -287,14 +287,17 @@ def probe_command(address: str, service: str, timeout: float) -> None:
 
 @main.group()
 def users() -> None:
-    """Manage accounts directly in the auth database."""
+    """Manage accounts directly in the auth database; each change is in the audit ledger when a command ends."""
 
 
 def _with_accounts(use: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run `use(accounts)` against the auth database of these settings (the auth server need not run)."""
+    """Run `use(accounts)` against the auth database of these settings (the auth server need not run). Its audit
+    events are committed to the ledger before it returns; an unreachable ledger fails the command before `use`."""
 
     async def run() -> Any:
-        runtime = Runtime(core_settings(), hosted=(), self_address="")
+        settings = core_settings()
+        ledger_sink = importlib.import_module("services.audit.ledger_sink").LedgerSink
+        runtime = Runtime(settings, hosted=(), self_address="", audit_sink=await ledger_sink.open(settings))
         accounts, _keys, db = await importlib.import_module(SERVERS["auth"]).build_accounts(runtime)
         try:
             return await use(accounts)

@@ -13,6 +13,8 @@ name PHI are refused, identifiers in free-text values are redacted, and sizes ar
 - RpcSink (no Redis, the audit service in another process; services/core/audit_rpc_sink.py): AppendEvent calls
   from a bounded buffer, made with the credentials of the call that recorded the event (AppendEvent takes events
   from admins and services, and from anyone else only events they performed themselves).
+A command that must know its events are committed brings its own sink: `voiceassist users` appends each event to
+the ledger before it returns (services/audit/ledger_sink.py).
 """
 
 from __future__ import annotations

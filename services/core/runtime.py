@@ -26,7 +26,10 @@ from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 class Runtime:
     """Process-wide wiring, chosen from settings; never business logic."""
 
-    def __init__(self, settings: CoreSettings, hosted: Iterable[str], self_address: str) -> None:
+    def __init__(
+        self, settings: CoreSettings, hosted: Iterable[str], self_address: str, audit_sink: AuditSink | None = None
+    ) -> None:
+        """`audit_sink` replaces the one settings choose (a command that must know its events are committed)."""
         self.settings = settings
         self.hosted = frozenset(hosted)
         self.self_address = self_address
@@ -43,7 +46,7 @@ class Runtime:
             self.rate_limiter = MemoryRateLimiter()
         # Embedded mode: the audit service hosted here consumes this queue (services/audit/ingest.py).
         self.audit_queue: asyncio.Queue[audit_pb2.Event] | None = None
-        self.audit_sink: AuditSink = self._audit_sink()
+        self.audit_sink: AuditSink = audit_sink or self._audit_sink()
         self.token_verifier = JwtVerifier(
             KeySet(self._fetch_jwks),
             self.revocations,

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.rpc import error_details_pb2
 
 from services.core.settings import ROOT
+from tests.support.admin import users_cli
 from tests.support.clients import (
     STRONG_PASSWORD,
     bearer,
@@ -407,26 +408,20 @@ def test_wrong_passwords_throttle_the_guesser_not_the_owner(workdir: Path) -> No
         cluster.stop()
 
 
-def _users_cli(cluster: Cluster, *args: str, password: str = STRONG_PASSWORD) -> subprocess.CompletedProcess:
-    env = {**os.environ, **cluster.env, "VOICEASSIST_ADMIN_PASSWORD": password}
-    return subprocess.run([sys.executable, "-m", "services.cli", "users", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-
-
 def test_create_admin_never_ignores_a_password_and_says_why_one_is_refused(mesh: Cluster, mesh_http: httpx.Client):
     email = unique_email("promo")
     _register(mesh_http, email)
     # An existing account: create-admin would have to ignore the new password, so it refuses and names the way.
-    taken = _users_cli(mesh, "create-admin", email, password="another-Strong-pass-93")
+    taken = users_cli(mesh, "create-admin", email, password="another-Strong-pass-93")
     assert taken.returncode != 0 and "EMAIL_TAKEN" in taken.stderr and "users promote" in taken.stderr
-    promoted = _users_cli(mesh, "promote", email)
+    promoted = users_cli(mesh, "promote", email)
     assert promoted.returncode == 0, promoted.stderr
     login = json_login(mesh_http, email)  # the account's own password still signs in
     assert login.status_code == 200 and login.json()["user"]["role"] == "ROLE_ADMIN"
-    assert _users_cli(mesh, "promote", unique_email("nobody")).returncode != 0
+    assert users_cli(mesh, "promote", unique_email("nobody")).returncode != 0
 
     # A refused password says what refused it, not a score that was high enough.
     fresh = unique_email("pat.example")
-    refused = _users_cli(mesh, "create-admin", fresh, password=f"{fresh}-Tonic-42")
+    refused = users_cli(mesh, "create-admin", fresh, password=f"{fresh}-Tonic-42")
     assert refused.returncode != 0 and "WEAK_PASSWORD" in refused.stderr
     assert "email address" in refused.stderr and "score" not in refused.stderr

@@ -14,14 +14,17 @@ from tests.support.mesh import Cluster
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
 
+def users_cli(cluster: Cluster, *args: str, password: str = STRONG_PASSWORD) -> subprocess.CompletedProcess[str]:
+    """`voiceassist users ARGS` with `cluster`'s settings (and `password` for any password prompt), once it ended."""
+    env = {**os.environ, **cluster.env, "VOICEASSIST_ADMIN_PASSWORD": password}
+    return subprocess.run([sys.executable, "-m", "services.cli", "users", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
 def create_admin(cluster: Cluster, channel: grpc.Channel) -> Account:
     """A new admin in `cluster`'s auth database, signed in over `channel`."""
     email = unique_email("admin")
-    env = {**os.environ, **cluster.env, "VOICEASSIST_ADMIN_PASSWORD": STRONG_PASSWORD}
-    made = subprocess.run(
-        [sys.executable, "-m", "services.cli", "users", "create-admin", email], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    made = users_cli(cluster, "create-admin", email)
     if made.returncode != 0:
         raise RuntimeError(f"create-admin failed: {made.stderr[-2000:]}")
     reply = auth_pb2_grpc.AuthServiceStub(channel).Login(
