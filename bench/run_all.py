@@ -15,7 +15,9 @@ from bench import (
     auth_bench,
     common,
     footprint_bench,
+    fuzz_bench,
     hot_path_bench,
+    load_bench,
     phi_eval,
     rag_bench,
     retrieval_eval,
@@ -32,6 +34,8 @@ BENCHMARKS = [
     phi_eval,
     rag_bench,
     voice_eval,
+    load_bench,
+    fuzz_bench,
     footprint_bench,
 ]
 

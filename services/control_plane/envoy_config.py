@@ -11,6 +11,7 @@ endpoints of the workers that announced themselves. Tests render their own copie
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2
 
+from services.control_plane import json_fields
 from services.core import registry
 from services.core.errors import STATUS_CODE, Reason
 from services.core.settings import ROOT, CoreSettings, local_address
@@ -214,7 +216,24 @@ def _local_reply_config(target: EnvoyTarget) -> dict[str, Any]:
         }
         for status, (code, reason) in _LOCAL_REPLIES.items()
     ]
-    return {"mappers": mappers}
+    # An unknown JSON field refused by the edge checks: the 400 also names it in a BadRequest detail.
+    code, reason = _LOCAL_REPLIES[400]
+    unknown_field = body(400, code, reason)
+    unknown_field["json_format"]["details"].append(
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": [
+                {"field": f"%REQ({json_fields.UNKNOWN_FIELD_HEADER})%", "description": "%LOCAL_REPLY_BODY%"}
+            ],
+        }
+    )
+    named = {"header_filter": {"header": {"name": json_fields.UNKNOWN_FIELD_HEADER, "present_match": True}}}
+    unknown_field_mapper = {
+        # The 400 mapper's filter (first, in _LOCAL_REPLIES' order), copied: shared dicts become YAML anchors.
+        "filter": {"and_filter": {"filters": [*copy.deepcopy(mappers[0]["filter"]["and_filter"]["filters"]), named]}},
+        "body_format_override": unknown_field,
+    }
+    return {"mappers": [unknown_field_mapper, *mappers]}
 
 
 def _access_log(path: str) -> list[dict[str, Any]]:
@@ -229,7 +248,8 @@ def _access_log(path: str) -> list[dict[str, Any]]:
                         "time": "%START_TIME%",
                         "request_id": "%REQ(X-REQUEST-ID)%",
                         "method": "%REQ(:METHOD)%",
-                        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                        # without the query: filters (an email, a name searched for) may carry PHI
+                        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
                         "protocol": "%PROTOCOL%",
                         "status": "%RESPONSE_CODE%",
                         "grpc_status": "%GRPC_STATUS%",
@@ -240,7 +260,16 @@ def _access_log(path: str) -> list[dict[str, Any]]:
                         "upstream": "%UPSTREAM_CLUSTER%",
                         "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
                         "user_agent": "%REQ(USER-AGENT)%",
-                    }
+                    },
+                    "formatters": [
+                        {
+                            "name": "envoy.formatter.req_without_query",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/"
+                                "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                            },
+                        }
+                    ],
                 },
             },
         }
@@ -405,13 +434,31 @@ def _edge_checks(target: EnvoyTarget) -> dict[str, Any]:
       past it, the transcoded message reached the service and came back RESOURCE_EXHAUSTED, shown as 429.
     - RFC 9110 makes the authentication scheme case-insensitive, and jwt_authn only finds a token after "Bearer "
       spelled so: any other spelling is rewritten (the services accept any spelling themselves).
+    - A JSON body with a field its method does not have is refused with 400 naming it (json_fields.py); the
+      transcoder would drop it silently.
     """
-    script = f"""function envoy_on_request(handle)
+    descriptor = target.descriptor if isinstance(target.descriptor, bytes) else DESCRIPTOR.read_bytes()
+    public = [s.grpc_service for s in registry.SERVICES if s.public]
+    header = json_fields.UNKNOWN_FIELD_HEADER
+    on_request = f"""
+function envoy_on_request(handle)
   local headers = handle:headers()
+  headers:remove("{header}")
   local length = tonumber(headers:get("content-length") or "0") or 0
   local grpc = string.sub(headers:get("content-type") or "", 1, 16) == "application/grpc"
   if length > {target.max_request_bytes} and not grpc then
     handle:respond({{[":status"] = "413"}}, "request body larger than {target.max_request_bytes} bytes")
+    return
+  end
+  local message = not grpc and body_message(headers:get(":method"), headers:get(":path")) or nil
+  local body = message and handle:body()
+  local field = body and first_unknown_field(body:getBytes(0, body:length()), message)
+  headers = handle:headers()  -- waiting for the body retired the earlier handle
+  if field then
+    -- Named in the reply's BadRequest detail, through a header: only printable text, bounded.
+    field = string.sub((string.gsub(field, "[^%w_.%[%]-]", "?")), 1, 200)
+    headers:replace("{header}", field)
+    handle:respond({{[":status"] = "400"}}, "unknown field " .. field)
     return
   end
   local value = headers:get("authorization")
@@ -420,6 +467,7 @@ def _edge_checks(target: EnvoyTarget) -> dict[str, Any]:
   end
 end
 """
+    script = json_fields.lua_tables(descriptor, public) + json_fields.SCANNER + on_request
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {

@@ -67,6 +67,7 @@ _EXTENSIONS = (
     "envoy.extensions.filters.http.lua.v3",
     "envoy.extensions.filters.http.router.v3",
     "envoy.extensions.filters.network.http_connection_manager.v3",
+    "envoy.extensions.formatter.req_without_query.v3",
     "envoy.extensions.retry.host.previous_hosts.v3",
     "envoy.extensions.upstreams.http.v3",
 )

@@ -6,7 +6,7 @@ their bearer token, so the downstream service authorises the same user and logs 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import grpc
@@ -43,7 +43,44 @@ def _forwarding(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetai
     )
 
 
+def reset_as_unavailable(error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """`error`, or UNAVAILABLE when it is a stream reset mid-call.
+
+    A peer that dies after the response began (Envoy cannot answer with a status then, it resets the stream with
+    RST_STREAM) reaches gRPC as INTERNAL "Stream removed", which reads as a server bug and is never retried. It is
+    a lost connection: UNAVAILABLE, which callers treat as retryable.
+    """
+    text = error.details() or ""
+    if error.code() != grpc.StatusCode.INTERNAL or not ("Stream removed" in text or "RST_STREAM" in text):
+        return error
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        error.initial_metadata(),
+        error.trailing_metadata(),
+        f"the connection to the service was lost mid-call ({text})",
+        error.debug_error_string(),
+    )
+
+
+async def _response(
+    call: grpc.aio.UnaryUnaryCall[_Request, _Response] | grpc.aio.StreamUnaryCall[_Request, _Response],
+) -> None:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        raise reset_as_unavailable(error) from None
+
+
+async def _responses(call: AsyncIterable[_Response]) -> AsyncIterator[_Response]:
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as error:
+        raise reset_as_unavailable(error) from None
+
+
 # grpc.aio files an interceptor under the first call type it implements only, so each type needs its own class.
+# Each forwards the caller's identity and reports a stream reset as UNAVAILABLE (reset_as_unavailable).
 class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self,
@@ -53,7 +90,9 @@ class _ForwardUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         details: grpc.aio.ClientCallDetails,
         request: _Request,
     ) -> grpc.aio.UnaryUnaryCall[_Request, _Response]:
-        return await continuation(_forwarding(details), request)
+        call = await continuation(_forwarding(details), request)
+        await _response(call)
+        return call
 
 
 class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
@@ -64,8 +103,8 @@ class _ForwardUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         ],
         details: grpc.aio.ClientCallDetails,
         request: _Request,
-    ) -> grpc.aio.UnaryStreamCall[_Request, _Response]:
-        return await continuation(_forwarding(details), request)
+    ) -> AsyncIterator[_Response]:
+        return _responses(await continuation(_forwarding(details), request))
 
 
 class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
@@ -77,7 +116,9 @@ class _ForwardStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
         details: grpc.aio.ClientCallDetails,
         request_iterator: _Requests[_Request],
     ) -> grpc.aio.StreamUnaryCall[_Request, _Response]:
-        return await continuation(_forwarding(details), request_iterator)
+        call = await continuation(_forwarding(details), request_iterator)
+        await _response(call)
+        return call
 
 
 class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
@@ -89,8 +130,8 @@ class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
         ],
         details: grpc.aio.ClientCallDetails,
         request_iterator: _Requests[_Request],
-    ) -> grpc.aio.StreamStreamCall[_Request, _Response]:
-        return await continuation(_forwarding(details), request_iterator)
+    ) -> AsyncIterator[_Response]:
+        return _responses(await continuation(_forwarding(details), request_iterator))
 
 
 _FORWARDERS = (_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(), _ForwardStreamStream())

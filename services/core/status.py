@@ -17,10 +17,13 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core import registry
 from services.core.context import current_request, request_id
 from services.core.errors import FieldViolation, Reason, ServiceError
+from services.core.redis_store import StoreUnavailable
 
 log = logging.getLogger("voiceassist.rpc")
 
@@ -89,12 +92,38 @@ def to_grpc_status(error: ServiceError, domain: str) -> grpc.Status:
     return rpc_status.to_status(to_status(error, domain))
 
 
+# SQLSTATEs of a database that is gone or not back yet: class 08 (connection exception), 57P01-57P03 (shutting down,
+# crashed, starting up).
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def backend_unreachable(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it came from, says a database or Redis could not be reached or dropped the
+    connection: an outage the client may retry (UNAVAILABLE), not a bug (INTERNAL). Duck-typed for the database
+    (SQLAlchemy's `connection_invalidated`, the driver's `sqlstate`) so that processes without one never import it."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain of causes is short; a cycle must not hang the error path
+        if seen is None:
+            return False
+        if (
+            isinstance(seen, (ConnectionError, StoreUnavailable, RedisConnectionError, RedisTimeoutError))
+            or getattr(seen, "connection_invalidated", False) is True
+            or str(getattr(seen, "sqlstate", "") or "").startswith(_OUTAGE_SQLSTATES)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def client_error(exc: Exception) -> ServiceError:
     """What a client is told of `exc`: a ServiceError as it is; anything else is INTERNAL with the request id only
     (the exception goes to the log, never to the client)."""
     if isinstance(exc, ServiceError):
         return exc
     info = current_request()
+    if backend_unreachable(exc):
+        log.warning("backend unreachable in %s: %r", info.method if info else "a call", exc)
+        return ServiceError(Reason.BACKEND_UNAVAILABLE, "a backend is unreachable; try again", retry_after_seconds=1.0)
     log.error("unhandled error in %s", info.method if info else "a call", exc_info=exc)
     rid = request_id()
     return ServiceError(Reason.INTERNAL, f"internal error; request id {rid}", metadata={"request_id": rid})

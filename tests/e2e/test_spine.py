@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 import stat
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core import registry
 from tests.support.clients import STRONG_PASSWORD, error_reason, json_reason, unique_email
+from tests.support.draining import sigterm_while_handling
 from tests.support.mesh import Cluster, free_port
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -226,18 +225,6 @@ def test_error_details_never_carry_internals(edge_http: httpx.Client) -> None:
     assert json_reason(wrong.json()) == json_reason(unknown.json()) == "INVALID_CREDENTIALS"
 
 
-def _started_logins(metrics_port: int) -> tuple[float, float]:
-    """(in flight, finished) Login calls, from the server's Prometheus endpoint."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    in_flight = finished = 0.0
-    for line in text.splitlines():
-        if line.startswith("grpc_server_in_flight{") and "AuthService" in line:
-            in_flight = float(line.rsplit(" ", 1)[1])
-        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Login"' in line:
-            finished += float(line.rsplit(" ", 1)[1])
-    return in_flight, finished
-
-
 async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
     cluster = Cluster.create(workdir, mesh=False)
     try:
@@ -252,15 +239,10 @@ async def test_sigterm_drains_fifty_in_flight_calls(workdir: Path) -> None:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             await stub.Register(auth_pb2.RegisterRequest(email=email, password=STRONG_PASSWORD), timeout=30)
             request = auth_pb2.LoginRequest(email=email, password=STRONG_PASSWORD)
-            calls = [asyncio.ensure_future(stub.Login(request, timeout=120)) for _ in range(50)]
-            while True:  # until the server is handling all 50 (none finished yet)
-                in_flight, finished = await asyncio.to_thread(_started_logins, metrics_port)
-                if in_flight + finished >= 50:
-                    break
-                await asyncio.sleep(0.02)
-            assert finished < 50, "the calls finished before SIGTERM could arrive"
-            server.process.send_signal(signal.SIGTERM)
-            results = await asyncio.gather(*calls, return_exceptions=True)
+            calls = [stub.Login(request, timeout=120) for _ in range(50)]
+            results = await sigterm_while_handling(
+                server, metrics_port, registry.spec("auth").grpc_service, "Login", calls
+            )
         assert [r for r in results if isinstance(r, BaseException)] == []
         assert all(r.access_token for r in results)  # type: ignore[union-attr]
         assert server.process.wait(timeout=30) == 0

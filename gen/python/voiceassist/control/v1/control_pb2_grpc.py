@@ -36,6 +36,7 @@ class EndpointRegistryServiceStub:
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
@@ -63,6 +64,7 @@ class EndpointRegistryServiceServicer:
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
@@ -103,6 +105,7 @@ class EndpointRegistryService:
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
 
