@@ -10,6 +10,7 @@ fifth of the auth service's CPU per read.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import ipaddress
@@ -227,8 +228,11 @@ class _Call:
 
     def _finish(self, context: grpc.aio.ServicerContext[Any, Any], started: float, failed: bool) -> None:
         code = context.code()
-        if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        if code is None and failed:  # no status set: the call was cancelled (client gone, deadline) or died oddly
+            task = asyncio.current_task()
+            code = grpc.StatusCode.CANCELLED if task is not None and task.cancelling() else grpc.StatusCode.UNKNOWN
+        elif code is None:
+            code = grpc.StatusCode.OK
         elif isinstance(code, int):  # grpc sometimes reports the raw integer
             code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
         seconds = time.perf_counter() - started

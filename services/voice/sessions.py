@@ -145,6 +145,8 @@ async def next_message(
     `idle_seconds` while `busy()` is false (an answer being spoken keeps a silent client's session open)."""
     # One read stays pending across idle checks: cancelling a read would break the request stream.
     pending = track(asyncio.ensure_future(anext(messages)))
+    # A read that ends (the stream's end, a broken stream) after this wait was cancelled is nobody's to report.
+    pending.add_done_callback(lambda read: read.cancelled() or read.exception())
     try:
         while True:
             done, _ = await asyncio.wait({pending}, timeout=idle_seconds)

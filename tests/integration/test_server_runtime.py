@@ -6,11 +6,13 @@ inside — interceptors, error mapping, health, reflection — is the production
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from prometheus_client import REGISTRY
 
 from services.core import registry
 from services.core.errors import FieldViolation, Reason, ServiceError
@@ -30,6 +32,8 @@ class CrashingAuth(auth_pb2_grpc.AuthServiceServicer):
             raise RuntimeError("secret internal detail: database password is hunter2")
         if request.password == "invalid":
             raise ServiceError(Reason.VALIDATION_ERROR, "bad", violations=[FieldViolation("password", "nope", "X")])
+        if request.password == "hang":
+            await asyncio.sleep(30)
         if request.password == "slow-down":
             raise ServiceError(Reason.RATE_LIMITED, "later", retry_after_seconds=2.5)
         return auth_pb2.CheckPasswordStrengthResponse(score=1)
@@ -49,14 +53,33 @@ async def server() -> AsyncIterator[str]:
     await runtime.close()
 
 
-async def _call(address: str, password: str, request_id: str = "rid-1") -> auth_pb2.CheckPasswordStrengthResponse:
+async def _call(
+    address: str, password: str, request_id: str = "rid-1", deadline: float = 5
+) -> auth_pb2.CheckPasswordStrengthResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         return await stub.CheckPasswordStrength(
             auth_pb2.CheckPasswordStrengthRequest(password=password),
             metadata=(("x-request-id", request_id),),
-            timeout=5,
+            timeout=deadline,
         )
+
+
+def _handled(code: str) -> float:
+    labels = {"grpc_service": registry.spec("auth").grpc_service, "grpc_method": "CheckPasswordStrength"}
+    return REGISTRY.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0.0
+
+
+async def test_a_call_its_client_abandoned_counts_as_cancelled_not_unknown(server: str) -> None:
+    cancelled, unknown = _handled("CANCELLED"), _handled("UNKNOWN")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(server, "hang", deadline=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(50):  # the server notices the client's deadline on its own schedule
+        if _handled("CANCELLED") > cancelled:
+            break
+        await asyncio.sleep(0.1)
+    assert (_handled("CANCELLED"), _handled("UNKNOWN")) == (cancelled + 1, unknown)
 
 
 async def test_crash_becomes_internal_with_request_id_and_no_leak(server: str) -> None:
