@@ -21,7 +21,6 @@ import grpc
 import httpx
 import pytest
 import yaml
-from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -31,6 +30,7 @@ from services.core import registry
 from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import STRONG_PASSWORD, Account, register_and_login, unique_email
+from tests.support.fuzzing import http_rule, query_pairs
 from tests.support.mesh import Cluster, all_upstreams
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -252,16 +252,6 @@ def take(message: Message, path: str) -> str:
     return value
 
 
-def query_params(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for key, value in fields.items():
-        if isinstance(value, dict):
-            params.update(query_params(value, f"{prefix}{key}."))
-        else:
-            params[f"{prefix}{key}"] = value
-    return params
-
-
 def http_outcome(response: httpx.Response, body: bytes) -> str:
     try:
         code = json.loads(body).get("code")
@@ -287,17 +277,18 @@ def first_element(chunks: Iterator[bytes]) -> dict[str, Any] | None:
 
 
 def json_outcome(http: httpx.Client, method: MethodDescriptor, request: Message, caller: Caller) -> str:
-    rule = method.GetOptions().Extensions[annotations_pb2.http]
-    verb = rule.WhichOneof("pattern")
-    path = re.sub(r"\{([^}=]+)\}", lambda m: quote(take(request, m.group(1)), safe=""), getattr(rule, verb))
+    rule = http_rule(method)
+    assert rule is not None
+    verb, template, body_field = rule
+    path = re.sub(r"\{([^}=]+)\}", lambda m: quote(take(request, m.group(1)), safe=""), template)
     body: dict[str, Any] | None = None
-    if rule.body == "*":
+    if body_field == "*":
         body = json_format.MessageToDict(request)
-    elif rule.body:
-        body = json_format.MessageToDict(getattr(request, rule.body))
-        request.ClearField(rule.body)
-    params = query_params(json_format.MessageToDict(request)) if rule.body != "*" else {}
-    with http.stream(verb.upper(), path, params=params, json=body, headers=caller.headers()) as response:
+    elif body_field:
+        body = json_format.MessageToDict(getattr(request, body_field))
+        request.ClearField(body_field)
+    params = query_pairs(json_format.MessageToDict(request)) if body_field != "*" else []
+    with http.stream(verb, path, params=params, json=body, headers=caller.headers()) as response:
         if response.status_code != 200:
             return http_outcome(response, response.read())
         if not method.server_streaming:
@@ -341,7 +332,7 @@ def test_every_cell_of_the_matrix_holds(cluster: Cluster, direct: grpc.Channel, 
     try:
         for name, row in rows():
             method = METHODS[name]
-            if transport == "envoy-json" and not method.GetOptions().HasExtension(annotations_pb2.http):
+            if transport == "envoy-json" and http_rule(method) is None:
                 continue  # client- and bidi-streaming methods are gRPC only
             for who in CALLERS:
                 expected = row["expect"][who]

@@ -316,12 +316,13 @@ def _json_name(dotted: str) -> str:
     return ".".join(re.sub(r"_([a-z])", lambda m: m.group(1).upper(), part) for part in dotted.split("."))
 
 
-def _query(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+def query_pairs(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A JSON request's fields as the transcoder's query parameters (dotted names for nested messages)."""
     pairs: list[tuple[str, str]] = []
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            pairs += _query(value, f"{name}.")
+            pairs += query_pairs(value, f"{name}.")
         elif isinstance(value, list):
             pairs += [(name, _plain(v)) for v in value if not isinstance(v, dict | list)]
         else:
@@ -363,8 +364,8 @@ def json_request(method: MethodDescriptor, message: Message) -> tuple[str, str, 
         return verb, path, tree, []
     if body_field:
         body = tree.pop(_json_name(body_field), {})
-        return verb, path, body, _query(tree)
-    return verb, path, None, _query(tree)
+        return verb, path, body, query_pairs(tree)
+    return verb, path, None, query_pairs(tree)
 
 
 _JSON_VALUES = st.recursive(
