@@ -18,6 +18,7 @@ from bench import (
     fuzz_bench,
     hot_path_bench,
     load_bench,
+    mtls_bench,
     phi_eval,
     rag_bench,
     retrieval_eval,
@@ -27,6 +28,7 @@ from bench import (
 
 BENCHMARKS = [
     hot_path_bench,
+    mtls_bench,
     auth_bench,
     scale_bench,
     audit_bench,

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib
 import os
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import click
+import grpc
 import uvloop
+from pydantic import SecretStr
 
 from services import launcher
 from services.control_plane import envoy_config
-from services.core import registry
+from services.core import identity, registry
+from services.core.certificates import CertificateUnavailable, operator_credentials
 from services.core.errors import ServiceError
 from services.core.runtime import Runtime
-from services.core.server import ServiceFactory, StartupRefused, serve
+from services.core.server import IdentitySource, ServiceFactory, StartupRefused, serve
 from services.core.settings import ROOT, CoreSettings, core_settings, local_address
 from services.supervisor import Child, StartupError, Supervisor
 
@@ -33,6 +39,7 @@ SERVERS = {
     "voice": "services.voice.server",
 }
 CONTROL_PLANE_SERVER = "services.control_plane.server"
+OPERATOR_RENEW_BEFORE = datetime.timedelta(minutes=10)  # the launcher's probe certificate is replaced this early
 
 
 class LazyGroup(click.Group):
@@ -70,14 +77,17 @@ def factories(servers: dict[str, str]) -> dict[str, ServiceFactory]:
     return {service: importlib.import_module(module).build for service, module in servers.items()}
 
 
-def _run_server(servers: dict[str, str], name: str, port: int, metrics_port: int | None) -> None:
+def _run_server(
+    servers: dict[str, str], name: str, port: int, metrics_port: int | None, identity: IdentitySource | None = None
+) -> None:
     try:
         # uvloop: grpc.aio runs on any asyncio loop, and with uvloop's the auth service spends a fifth less CPU per read
         # (the PostgreSQL and Redis sockets are asyncio's, not gRPC's). Not where voice is hosted: it starts a
         # process per spoken sentence, and under uvloop's (libuv's) spawning one now and then died of SIGSEGV before
         # it ran (espeak-ng, in loaded CI runs); asyncio's own loop spawns through Python's subprocess.
         run = asyncio.run if "voice" in servers else uvloop.run
-        run(serve(factories(servers), settings=core_settings(), port=port, metrics_port=metrics_port))
+        run(serve(factories(servers), settings=core_settings(), port=port, metrics_port=metrics_port,
+                  identity_source=identity))  # fmt: skip
     except StartupRefused as exc:
         raise click.ClickException(f"{name}: {exc}") from None
 
@@ -151,8 +161,10 @@ def control_plane_command(port: int | None, metrics_port: int | None, no_metrics
     """Serve Envoy's configuration over xDS, with the endpoints of the workers that announce themselves."""
     settings = core_settings()
     metrics = None if no_metrics else metrics_port or settings.control_plane_metrics_port
+    # Its certificate comes from its own authority, not from a control plane to enroll with.
+    own_certificates = importlib.import_module(CONTROL_PLANE_SERVER).own_certificates
     _run_server({registry.CONTROL_PLANE.name: CONTROL_PLANE_SERVER}, "control-plane",
-                port or settings.control_plane_port, metrics)  # fmt: skip
+                port or settings.control_plane_port, metrics, own_certificates)  # fmt: skip
 
 
 @main.command("envoy-config")
@@ -185,11 +197,54 @@ def _worker(service: str, index: int, workers: int, port: int, metrics: int | No
     name = service if workers == 1 else f"{service}#{index + 1}"
     address = f"{local_address(settings.grpc_host)}:{port + index}"
     grpc_service = registry.spec(service).grpc_service
+    operator = _operator_tls(settings, service)
     return Child(
         name, launcher.server_args(service, port + index, metrics + index if metrics else None),
-        settings.logs / f"{name.replace('#', '-')}.log", lambda: launcher.is_serving(address, [grpc_service]),
-        env=env or {}, group=service,
+        settings.logs / f"{name.replace('#', '-')}.log",
+        lambda: _is_serving(address, [grpc_service], operator), env=env or {}, group=service,
     )  # fmt: skip
+
+
+def _is_serving(address: str, services: list[str], tls: Callable[[], launcher.Tls | None]) -> bool:
+    """A readiness probe: gRPC health over `tls()`; not yet while what TLS needs is missing (the control plane writes
+    the mesh's root when it starts, and issues the probe's certificate once it serves)."""
+    try:
+        return launcher.is_serving(address, services, tls=tls())
+    except (OSError, grpc.RpcError, CertificateUnavailable):
+        return False
+
+
+def _operator_tls(settings: CoreSettings, server_name: str) -> Callable[[], launcher.Tls | None]:
+    """How the launcher reaches a mesh server to check its health: with an operator certificate (MESH_TLS, obtained
+    on first use, once the control plane runs), else plaintext."""
+    if not settings.mesh_tls:
+        return lambda: None
+
+    held: list[tuple[launcher.Tls, datetime.datetime]] = []
+
+    def tls() -> launcher.Tls:
+        if not held or held[0][1] - datetime.datetime.now(datetime.UTC) < OPERATOR_RENEW_BEFORE:
+            c = operator_credentials(settings)
+            credentials = grpc.ssl_channel_credentials(c.trust_pem, c.key_pem, c.chain_pem)
+            held[:] = [(launcher.Tls(credentials, server_name), c.expires_at)]
+        return held[0][0]
+
+    return tls
+
+
+def _edge_tls(settings: CoreSettings) -> Callable[[], launcher.Tls | None]:
+    """How to reach Envoy's listener: HTTPS verified against the mesh's roots (MESH_TLS), else plaintext."""
+    if not settings.mesh_tls:
+        return lambda: None
+    return lambda: launcher.Tls(grpc.ssl_channel_credentials(settings.trust_bundle_path.read_bytes()))
+
+
+def _control_plane_tls(settings: CoreSettings) -> Callable[[], launcher.Tls | None]:
+    """How to reach the control plane: TLS verified against the mesh's roots (MESH_TLS), else plaintext."""
+    if not settings.mesh_tls:
+        return lambda: None
+    roots = settings.trust_bundle_path
+    return lambda: launcher.Tls(grpc.ssl_channel_credentials(roots.read_bytes()), identity.CONTROL_PLANE)
 
 
 def _ports_in_use(wanted: list[tuple[str, str, int]]) -> list[str]:
@@ -210,11 +265,13 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
     if mesh:
         cp = settings.control_plane_port
         cp_address = f"{local_address(settings.grpc_host)}:{cp}"
-        env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr or cp_address}
+        env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr, "MESH_TLS": str(settings.mesh_tls),
+               "MESH_JOIN_TOKEN": settings.mesh_join_token.get_secret_value()}  # fmt: skip
+        control_tls = _control_plane_tls(settings)
         control = Child(
             "control-plane", launcher.control_plane_args(cp, settings.control_plane_metrics_port if metrics else None),
             settings.logs / "control-plane.log",
-            lambda: launcher.is_serving(cp_address, [registry.CONTROL_PLANE.grpc_service]),
+            lambda: _is_serving(cp_address, [registry.CONTROL_PLANE.grpc_service], control_tls), env=env,
         )  # fmt: skip
         ports.append(("CONTROL_PLANE_PORT", settings.grpc_host, cp))
         if metrics:
@@ -245,11 +302,25 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
         config.write_text(envoy_config.render(envoy_config.embedded_target(settings, str(envoy_config.DESCRIPTOR))))
         stages = [[server]]
     # Envoy is ready when every service answers health checks through its listener (routes and endpoints in place).
+    edge_tls = _edge_tls(settings) if mesh else lambda: None
     envoy = Child(
         "envoy", launcher.envoy_args(config), settings.logs / "envoy.log",
-        lambda: launcher.is_serving(settings.envoy_address, everything),
+        lambda: _is_serving(settings.envoy_address, everything, edge_tls),
     )  # fmt: skip
     return [*stages, [envoy]], ports
+
+
+def _mesh_settings(settings: CoreSettings) -> CoreSettings:
+    """Mesh mode's settings: the control plane on this host unless CONTROL_PLANE_ADDR names another; mutual TLS
+    unless MESH_TLS says otherwise, with a join token made for this run when none is set (only this launcher and its
+    children know it)."""
+    local = f"{local_address(settings.grpc_host)}:{settings.control_plane_port}"
+    update: dict[str, Any] = {"control_plane_addr": settings.control_plane_addr or local}
+    if "mesh_tls" not in settings.model_fields_set:
+        update["mesh_tls"] = True
+    if not settings.mesh_join_token.get_secret_value():
+        update["mesh_join_token"] = SecretStr(secrets.token_urlsafe(32))
+    return settings.model_copy(update=update)
 
 
 @main.command("up")
@@ -262,6 +333,9 @@ def up_command(mesh: bool) -> None:
     if mesh:
         for spec in registry.SERVICES:
             _refuse_workers(spec.name, settings.workers_of(spec.name), settings)
+        settings = _mesh_settings(settings)
+    elif settings.mesh_tls:
+        raise click.ClickException("embedded mode is plaintext on loopback: unset MESH_TLS, or run `up --mesh`")
     stages, ports = _system(settings, mesh)
     taken = _ports_in_use(ports)
     if taken:
@@ -277,12 +351,36 @@ def up_command(mesh: bool) -> None:
 @click.argument("address")
 @click.argument("service", default="")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for SERVING.")
-def probe_command(address: str, service: str, timeout: float) -> None:
+@click.option("--tls-server-name", default="", help="Over TLS, verifying the server's certificate (it must name this "
+              "workload) against MESH_TRUST_BUNDLE: the control plane with MESH_TLS. Services answer probes on their "
+              "plaintext GRPC_HEALTH_PORT instead.")  # fmt: skip
+def probe_command(address: str, service: str, timeout: float, tls_server_name: str) -> None:
     """Exit 0 when gRPC health at ADDRESS reports SERVICE as SERVING (container health checks)."""
+    tls = None
+    if tls_server_name:
+        roots = core_settings().trust_bundle_path.read_bytes()
+        tls = launcher.Tls(grpc.ssl_channel_credentials(roots), tls_server_name)
     try:
-        launcher.wait_healthy(address, [service], timeout=timeout)
+        launcher.wait_healthy(address, [service], timeout=timeout, tls=tls)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.command("mesh-ca")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def mesh_ca_command(directory: Path) -> None:
+    """Make the mesh's certificate authority in DIRECTORY (root.key, encrypted with CONTROL_PLANE_CA_PASSPHRASE, and
+    root.pem), for a deployment to keep in a secret; an existing one is only checked (the passphrase opens it)."""
+    authority_module = importlib.import_module("services.control_plane.authority")
+    settings = importlib.import_module("services.control_plane.settings").control_plane_settings()
+    lifetime = datetime.timedelta(seconds=settings.certificate_ttl_seconds)
+    try:
+        authority = authority_module.Authority.open(directory, settings.ca_passphrase.get_secret_value().encode(),
+                                                    lifetime)  # fmt: skip
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    expires = authority.root.not_valid_after_utc.date().isoformat()
+    click.echo(f"mesh CA in {directory}: root.pem (the trust bundle, public) and root.key; valid until {expires}")
 
 
 @main.group()
@@ -339,12 +437,17 @@ def promote_command(email: str) -> None:
 def _print_urls(settings: CoreSettings, mesh: bool) -> None:
     address = settings.envoy_address
     workers = ", ".join(f"{s.name} x{settings.workers_of(s.name)}" for s in registry.SERVICES) if mesh else ""
+    if settings.mesh_tls:
+        roots = settings.trust_bundle_path
+        url, curl, grpcurl = f"https://{address}", f"curl -s --cacert {roots}", f"grpcurl -cacert {roots}"
+    else:
+        url, curl, grpcurl = f"http://{address}", "curl -s", "grpcurl -plaintext"
     click.echo(
         f"""
 VoiceAssist Mesh is up{f" ({workers})" if workers else ""}.
-  JSON / gRPC / gRPC-Web   http://{address}
-  try                      curl -s http://{address}/v1/auth/jwks
-                           grpcurl -plaintext {address} list
+  JSON / gRPC / gRPC-Web   {url}
+  try                      {curl} {url}/v1/auth/jwks
+                           {grpcurl} {address} list
   Envoy admin              http://127.0.0.1:{settings.envoy_admin_port}
   logs                     {settings.logs}
 Press Ctrl-C to stop."""

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -97,9 +98,27 @@ def _health(stub: health_pb2_grpc.HealthStub, name: str, timeout: float) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1.0) -> bool:
+@dataclass(frozen=True)
+class Tls:
+    """How to reach a server over TLS: credentials (a client certificate for a mesh server, the roots alone for
+    Envoy's listener) and the name its certificate must carry ("": the address's host)."""
+
+    credentials: grpc.ChannelCredentials
+    server_name: str = ""
+
+    def channel(self, address: str, options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
+        """A secure channel to `address`."""
+        extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(address, self.credentials, options=[*options, *extra])
+
+
+def _channel(address: str, tls: Tls | None, options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
+    return tls.channel(address, options) if tls else grpc.insecure_channel(address, options=list(options))
+
+
+def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1.0, tls: Tls | None = None) -> bool:
     """True when gRPC health at `address` reports SERVING for every name in `services` (one try each)."""
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return all(_health(stub, name, timeout) == "SERVING" for name in services)
 
@@ -109,11 +128,11 @@ def is_serving(address: str, services: Iterable[str] = ("",), timeout: float = 1
 _POLL_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100)]
 
 
-def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float = 60.0) -> None:
+def wait_healthy(address: str, services: Iterable[str] = ("",), timeout: float = 60.0, tls: Tls | None = None) -> None:
     """Block until gRPC health at `address` reports SERVING for every name in `services`."""
     deadline = time.monotonic() + timeout
     pending = list(services)
-    with grpc.insecure_channel(address, options=_POLL_CHANNEL_OPTIONS) as channel:
+    with _channel(address, tls, _POLL_CHANNEL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while pending:
             status = _health(stub, pending[0], 2)

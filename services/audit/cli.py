@@ -18,7 +18,7 @@ from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 
 
 def _stub(sign_in: SignIn) -> tuple[grpc.Channel, audit_pb2_grpc.AuditServiceStub]:
-    channel = grpc.insecure_channel(sign_in.address)
+    channel = sign_in.channel()
     return channel, audit_pb2_grpc.AuditServiceStub(channel)
 
 

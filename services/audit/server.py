@@ -23,7 +23,7 @@ from services.audit.settings import AuditSettings, audit_settings
 from services.audit.store import AuditStore, CheckpointRow, LedgerRow
 from services.core import registry
 from services.core.audit_client import AuditClient
-from services.core.context import Caller, current_caller, require_role
+from services.core.context import Caller, calling_service, current_caller, current_request, require_role
 from services.core.db import Database
 from services.core.errors import Reason, ServiceError, invalid, not_found
 from services.core.limits import AUDIT
@@ -179,15 +179,26 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def AppendEvent(
         self, request: audit_pb2.AppendEventRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.AppendEventResponse:
-        caller = current_caller()
+        service = calling_service()
+        caller = None if service else current_caller()
         if not request.HasField("event"):
             raise invalid("event", "required")
         event = audit_pb2.Event()
         event.CopyFrom(request.event)
-        if not may_append_any(caller):
-            await self._limit_appends(caller)
-            as_own_event(event, caller)
-        result = await self._ledger.append([check_event(event, appended_by=caller.user_id)])
+        if service:
+            # A service of ours, proven by its certificate (with mutual TLS no one else gets here): its events are
+            # attributed to it, whoever's call it saw (a login has no authenticated caller).
+            info = current_request()
+            if info is None or event.service not in info.workloads:
+                event.service = service
+            appended_by = f"service:{event.service}"
+        else:
+            assert caller is not None
+            if not may_append_any(caller):
+                await self._limit_appends(caller)
+                as_own_event(event, caller)
+            appended_by = caller.user_id
+        result = await self._ledger.append([check_event(event, appended_by=appended_by)])
         if result.committed:
             await self._checkpoints.after_append(result.tree_size)
         return audit_pb2.AppendEventResponse(event_id=str(uuid.UUID(event.event_id)))

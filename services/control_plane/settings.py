@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ServiceSettings
@@ -27,6 +28,33 @@ class ControlPlaneSettings(ServiceSettings):
         gt=0,
         description="How long an announcement waits for every Envoy to acknowledge it before it is answered anyway "
         "(a worker that withdraws waits this long at most before it stops).",
+    )
+
+    ca_dir: Path | None = Field(
+        None,
+        description="Where the mesh's certificate authority keeps its root (root.key, encrypted with the passphrase, "
+        "and root.pem, the public trust bundle); made on the first start. Empty: data_dir/mesh-ca.",
+    )
+    ca_passphrase: SecretStr = Field(
+        SecretStr(""),
+        description="Encrypts the root key at rest. Required in production.",
+    )
+    certificate_ttl_seconds: int = Field(
+        4 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the workload certificates the authority issues; each process renews its own at two "
+        "thirds of it, without a restart.",
+    )
+    edge_certificate_file: Path | None = Field(
+        None,
+        description="PEM certificate chain Envoy's HTTPS listener presents (a real one in production, from a secret). "
+        "Empty: one issued by the mesh's authority for edge_hostnames (development).",
+    )
+    edge_key_file: Path | None = Field(None, description="The private key of edge_certificate_file (PEM).")
+    edge_hostnames: str = Field(
+        "localhost,127.0.0.1",
+        description="Comma-separated names and addresses the self-issued edge certificate is valid for.",
     )
 
 

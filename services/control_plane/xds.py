@@ -8,11 +8,14 @@ The protocol, as Envoy's "xDS REST and gRPC protocol" page and go-control-plane 
   (NACK): the rejection is logged with Envoy's reason, Envoy keeps the last version it accepted, and the rejected
   version is not sent again (a later snapshot with other content is);
 - one response per type is outstanding at a time (the next goes out once Envoy answered the last);
-- updates go out in the order that never points at something missing: clusters, then their endpoints, then
-  listeners, then their routes;
+- updates go out in the order that never points at something missing: secrets (certificates, with mesh TLS), then
+  clusters, then their endpoints, then listeners, then their routes;
 - versions are hashes of the content, so a restarted control plane serving the same configuration sends Envoy
   nothing new, and endpoints are held back for a warm-up after a start, until the workers have announced
   themselves again (Envoy keeps serving with what it has meanwhile).
+
+With mesh TLS the stream carries Envoy's private keys (SDS secrets): the server's interceptor refuses a stream
+without the mesh's join token before it reaches the cache (registry.CONTROL_PLANE_PREFIXES).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from envoy_data_plane.envoy.config.core.v3 import ControlPlane
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from prometheus_client import Counter, Gauge
@@ -47,14 +51,17 @@ CLUSTERS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENERS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-ORDER = (CLUSTERS, ENDPOINTS, LISTENERS, ROUTES)
+SECRETS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# Secrets first: clusters and listeners with TLS wait for theirs.
+ORDER = (SECRETS, CLUSTERS, ENDPOINTS, LISTENERS, ROUTES)
 _MESSAGES: dict[str, type[betterproto2.Message]] = {
+    SECRETS: Secret,
     CLUSTERS: Cluster,
     ENDPOINTS: ClusterLoadAssignment,
     LISTENERS: Listener,
     ROUTES: RouteConfiguration,
 }
-_SHORT = {CLUSTERS: "CDS", ENDPOINTS: "EDS", LISTENERS: "LDS", ROUTES: "RDS"}
+_SHORT = {SECRETS: "SDS", CLUSTERS: "CDS", ENDPOINTS: "EDS", LISTENERS: "LDS", ROUTES: "RDS"}
 
 # The extensions our configuration names in `typed_config`: importing their modules registers their messages,
 # so an `@type` in a resource dict can be packed.
@@ -63,12 +70,14 @@ _EXTENSIONS = (
     "envoy.extensions.filters.http.cors.v3",
     "envoy.extensions.filters.http.grpc_json_transcoder.v3",
     "envoy.extensions.filters.http.grpc_web.v3",
+    "envoy.extensions.filters.http.header_mutation.v3",
     "envoy.extensions.filters.http.jwt_authn.v3",
     "envoy.extensions.filters.http.lua.v3",
     "envoy.extensions.filters.http.router.v3",
     "envoy.extensions.filters.network.http_connection_manager.v3",
     "envoy.extensions.formatter.req_without_query.v3",
     "envoy.extensions.retry.host.previous_hosts.v3",
+    "envoy.extensions.transport_sockets.tls.v3",
     "envoy.extensions.upstreams.http.v3",
 )
 for _module in _EXTENSIONS:
@@ -157,6 +166,9 @@ class _Subscription:
     accepted_version: str = ""  # what Envoy runs
     accepted_generation: int = -1
     rejected_version: str = ""
+    # The names the last response covered (at the first request: those Envoy says it holds). A request naming
+    # others is answered even when the version did not change: SDS names grow as clusters and listeners warm.
+    held_names: frozenset[str] = frozenset()
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: one per connection
@@ -275,7 +287,10 @@ class SnapshotCache:
         if request.node and request.node.id and not stream.node:
             stream.node = request.node.id
             log.info("envoy connected", extra={"peer": stream.peer, "node": stream.node})
-        sub = stream.subscriptions.setdefault(type_url, _Subscription())
+        sub = stream.subscriptions.get(type_url)
+        if sub is None:
+            # A first request names what Envoy already holds at its version_info (after a reconnect).
+            sub = stream.subscriptions[type_url] = _Subscription(held_names=frozenset(request.resource_names))
         if request.response_nonce and request.response_nonce != sub.nonce:
             return  # answers a response that a newer one superseded
         sub.names = tuple(request.resource_names)
@@ -304,7 +319,7 @@ class SnapshotCache:
             if sub is None or sub.waiting or (type_url == ENDPOINTS and not self.warm()):
                 continue
             version = snapshot.versions[type_url]
-            if version == sub.accepted_version:
+            if version == sub.accepted_version and sub.held_names == frozenset(sub.names):
                 if sub.accepted_generation < snapshot.generation:
                     sub.accepted_generation = snapshot.generation  # Envoy already runs this content
                     asyncio.get_running_loop().create_task(self._acknowledged())
@@ -313,6 +328,7 @@ class SnapshotCache:
                 continue
             sub.nonce = f"{snapshot.generation}-{_SHORT[type_url]}-{next(_NONCES)}"
             sub.waiting, sub.sent_version, sub.sent_generation = True, version, snapshot.generation
+            sub.held_names = frozenset(sub.names)
             PUSHES.labels(_SHORT[type_url]).inc()
             response = DiscoveryResponse(
                 version_info=version, resources=snapshot.pick(type_url, sub.names), type_url=type_url,

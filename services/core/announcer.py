@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import grpc
 
 from services.core import registry
+from services.core.certificates import control_plane_channel, join_token_metadata
 from services.core.settings import CoreSettings
 from voiceassist.control.v1 import control_pb2, control_pb2_grpc
 
@@ -51,6 +52,7 @@ class Announcer:
     """Keeps this process's endpoints announced while it runs."""
 
     def __init__(self, settings: CoreSettings, services: Sequence[registry.ServiceSpec], port: int) -> None:
+        self._settings = settings
         self._target = settings.control_plane_addr
         host, instance = advertised_host(settings), f"{socket.gethostname()}-{os.getpid()}"
         self._endpoints = [control_pb2.Endpoint(service=s.name, host=host, port=port, instance=instance)
@@ -65,8 +67,8 @@ class Announcer:
     def start(self, serving: bool) -> None:
         """Open the announcement streams."""
         self._state = SERVING if serving else NOT_SERVING
-        self._channel = grpc.aio.insecure_channel(
-            self._target,
+        self._channel = control_plane_channel(
+            self._settings,
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
@@ -133,7 +135,8 @@ class Announcer:
     async def _announce(self, stub: control_pb2_grpc.EndpointRegistryServiceStub, endpoint: control_pb2.Endpoint
                         ) -> None:  # fmt: skip
         """One stream, until it ends (the control plane went away) or the task is cancelled."""
-        call = stub.AnnounceEndpoint(wait_for_ready=True)  # waits for the channel's next connection attempt
+        # wait_for_ready: the call waits for the channel's next connection attempt
+        call = stub.AnnounceEndpoint(wait_for_ready=True, metadata=join_token_metadata(self._settings))
         replies: asyncio.Queue[control_pb2.AnnounceEndpointResponse | None] = asyncio.Queue()
 
         async def read() -> None:

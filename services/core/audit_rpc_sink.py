@@ -28,13 +28,20 @@ class RpcSink(BufferedSink):
 
     transport = "rpc"
 
-    def __init__(self, stub: Callable[[], audit_pb2_grpc.AuditServiceStub], max_buffered: int) -> None:
+    def __init__(
+        self, stub: Callable[[], audit_pb2_grpc.AuditServiceStub], max_buffered: int, forward_tokens: bool
+    ) -> None:
+        """`forward_tokens`: send each event with the token of the call that recorded it (plaintext, where the
+        audit service knows callers by their tokens only); with mutual TLS this process's certificate vouches for
+        every event, including those of calls without a token (a login), and a token expiring in the buffer does not
+        matter."""
         super().__init__(max_buffered)
         self._stub = stub
+        self._forward_tokens = forward_tokens
 
     async def send(self, event: audit_pb2.Event) -> None:
         info = current_request()
-        self._enqueue(Pending(event, info.bearer_token if info else ""))
+        self._enqueue(Pending(event, info.bearer_token if info and self._forward_tokens else ""))
 
     async def _deliver(self, batch: list[Pending]) -> int:
         handled = 0

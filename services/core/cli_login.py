@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,15 @@ class TokenCache:
         return {}
 
 
+def edge_credentials() -> grpc.ChannelCredentials | None:
+    """How the command-line clients reach Envoy: TLS with MESH_TLS, else None (plaintext)."""
+    settings = core_settings()
+    if not settings.mesh_tls:
+        return None
+    roots = settings.trust_bundle_path
+    return grpc.ssl_channel_credentials(roots.read_bytes() if roots.exists() else None)
+
+
 @dataclass(frozen=True)
 class SignIn:
     """What a command was given to sign in with; `access_token()` does the signing in."""
@@ -98,6 +107,21 @@ class SignIn:
     address: str
     token: str | None = None
     email: str | None = None
+
+    def channel(self, options: Sequence[tuple[str, int]] = ()) -> grpc.Channel:
+        """A channel to the address: HTTPS to Envoy with MESH_TLS (verified against MESH_TRUST_BUNDLE when that
+        file exists, else the system's roots: a production edge certificate), plaintext otherwise."""
+        credentials = edge_credentials()
+        if credentials is None:
+            return grpc.insecure_channel(self.address, options=list(options))
+        return grpc.secure_channel(self.address, credentials, options=list(options))
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """`channel()` for asyncio."""
+        credentials = edge_credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.address)
+        return grpc.aio.secure_channel(self.address, credentials)
 
     def access_token(self) -> str:
         """The access token for the calls: given, cached, refreshed or from a new login (see the module doc)."""
@@ -107,7 +131,7 @@ class SignIn:
         cached = cache.get(self.address)
         if cached is not None and self.email and cached.email != self.email:
             cached = None  # another account's tokens
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             auth = auth_pb2_grpc.AuthServiceStub(channel)
             tokens = self._reuse(auth, cached) or self._login(auth, self.email or (cached.email if cached else ""))
         if tokens is not cached:

@@ -6,16 +6,19 @@ their bearer token, so the downstream service authorises the same user and logs 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
+from services.core.certificates import WorkloadCertificates
 from services.core.context import current_request
 
 # Each intercept method is generic over the call's message types (as grpc.aio declares them).
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+_Stub = TypeVar("_Stub")
 # What a streaming call sends: grpc.aio accepts either kind of iterable.
 _Requests = AsyncIterable[_Request] | Iterable[_Request]
 
@@ -137,7 +140,11 @@ class _ForwardStreamStream(grpc.aio.StreamStreamClientInterceptor):
 _FORWARDERS = (_ForwardUnaryUnary(), _ForwardUnaryStream(), _ForwardStreamUnary(), _ForwardStreamStream())
 
 
-CLIENT_OPTIONS = [
+# A channel replaced by a renewed certificate lets its calls (a long voice conversation's answer stream included)
+# finish for this long before it closes.
+RETIRED_CHANNEL_GRACE_SECONDS = 600.0
+
+CLIENT_OPTIONS: list[tuple[str, int | str]] = [
     # A service with several workers (a list of addresses, or a DNS name with several records): spread the calls.
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -146,27 +153,59 @@ CLIENT_OPTIONS = [
 ]
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel (mesh traffic stays on the private network) that forwards the caller's identity."""
-    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=list(_FORWARDERS))
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None = None, server_name: str = ""
+) -> grpc.aio.Channel:
+    """A channel that forwards the caller's identity: mutual TLS with this process's certificate, checking that the
+    server is `server_name` (a workload name its certificate carries), or plaintext without credentials."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=list(_FORWARDERS))
+    options = [*CLIENT_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=list(_FORWARDERS))
 
 
 class ChannelPool:
-    """One long-lived channel per service, created on first use."""
+    """One long-lived channel per service, created on first use; with mutual TLS, reopened with every renewed
+    certificate (the old channels close once their calls have finished)."""
 
-    def __init__(self, address_of: Callable[[str], str]) -> None:
+    def __init__(self, address_of: Callable[[str], str], certificates: WorkloadCertificates | None = None) -> None:
         self._address_of = address_of
+        self._certificates = certificates
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, Callable[[grpc.aio.Channel], Any]], Any] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        if certificates is not None:
+            certificates.on_renewal(self._reopen)
 
     def get(self, service: str) -> grpc.aio.Channel:
         """The channel to `service` (a registry name)."""
         channel = self._channels.get(service)
         if channel is None:
-            channel = self._channels[service] = open_channel(self._address_of(service))
+            credentials = self._certificates.channel_credentials() if self._certificates else None
+            channel = open_channel(self._address_of(service), credentials, service)
+            self._channels[service] = channel
         return channel
+
+    def stub(self, service: str, stub_class: Callable[[grpc.aio.Channel], _Stub]) -> _Stub:
+        """A generated stub on the current channel to `service` (ask again per call: the channel can change)."""
+        key = (service, stub_class)
+        found = self._stubs.get(key)
+        if found is None:
+            found = self._stubs[key] = stub_class(self.get(service))
+        return found
+
+    def _reopen(self) -> None:
+        retired = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in retired:
+            task = asyncio.get_running_loop().create_task(channel.close(grace=RETIRED_CHANNEL_GRACE_SECONDS))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
 
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._stubs.clear()

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from services.core import registry
 from services.core.errors import Reason, ServiceError
 
 
@@ -39,6 +40,8 @@ class RequestInfo:
     client_ip: str = ""
     user_agent: str = ""
     caller: Caller | None = None
+    # The workloads the peer's certificate names (mutual TLS): "edge" for Envoy, a service's name for a service.
+    workloads: frozenset[str] = frozenset()
     # The raw bearer token, kept only to forward the caller's identity on downstream calls. Never logged.
     bearer_token: str = field(default="", repr=False)
 
@@ -68,6 +71,14 @@ def current_caller() -> Caller:
     if info is None or info.caller is None:
         raise ServiceError(Reason.UNAUTHENTICATED, "this method needs an access token")
     return info.caller
+
+
+def calling_service() -> str:
+    """The service of ours that makes the current call, proven by its certificate ("" when it is not one: Envoy,
+    an outside client, or plaintext)."""
+    info = _current.get()
+    services = sorted(info.workloads & registry.SERVICE_NAMES) if info else []
+    return services[0] if services else ""
 
 
 def require_role(*roles: str) -> Caller:

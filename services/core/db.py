@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import re
+import ssl
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, DateTime, Executable, MetaData, Result, Row, event, text
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -54,6 +55,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+class DatabaseUnreachable(ConnectionError):
+    """The database server could not be reached, or its TLS failed (refused, or a certificate that does not check)."""
+
+
 class Database:
     """A service's engine, session factory and migrations."""
 
@@ -75,8 +80,10 @@ class Database:
             if not _SCHEMA_NAME.match(self.schema):
                 raise ValueError(f"bad schema name {self.schema!r}")
             connect_args["server_settings"] = {"search_path": self.schema, "application_name": service}
+            engine_url, tls = postgres_tls(make_url(url))
+            connect_args.update(tls)
             self.engine: AsyncEngine = create_async_engine(
-                url, connect_args=connect_args, pool_size=settings.database_pool_size, max_overflow=0
+                engine_url, connect_args=connect_args, pool_size=settings.database_pool_size, max_overflow=0
             )
             _ping_when_idle(self.engine, settings.database_idle_ping_seconds)
         else:
@@ -102,8 +109,14 @@ class Database:
 
     async def migrate(self, migrations: Path) -> None:
         """Bring the schema to the newest Alembic revision in `migrations`. Alembic itself is loaded only when the
-        schema is behind: it is a tenth of a small service's memory and of its start-up time."""
-        if await self._revisions() == head_revisions(migrations):
+        schema is behind: it is a tenth of a small service's memory and of its start-up time. DatabaseUnreachable
+        when the server cannot be reached or its TLS fails: this is every service's first connection at start-up."""
+        try:
+            current = await self._revisions()
+        except OSError as exc:  # below SQL (no listener, TLS refused or unverified): the operator's URL, not the schema
+            where = f"{self.engine.url.host}:{self.engine.url.port or 5432}"
+            raise DatabaseUnreachable(f"{self.service}: cannot connect to the database at {where}: {exc}") from None
+        if current == head_revisions(migrations):
             return
         async with self.engine.begin() as conn:
             if self.is_postgres:
@@ -128,6 +141,64 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+# libpq's TLS parameters, as operators write them in DATABASE_URL (`ssl` is asyncpg's name for sslmode). SQLAlchemy's
+# asyncpg dialect would hand each to asyncpg.connect() as a keyword, which knows only `ssl`: they are taken out of the
+# URL and turned into that one argument here.
+_TLS_PARAMETERS = ("sslmode", "ssl", "sslrootcert", "sslcert", "sslkey")
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def postgres_tls(url: URL) -> tuple[URL, dict[str, Any]]:
+    """`url` without libpq's TLS parameters, and the asyncpg connect arguments they ask for (none when the URL has
+    none: asyncpg's default, TLS when the server offers it, unverified). sslmode=require encrypts without checking
+    the server's certificate (unless sslrootcert is given, as libpq does), verify-ca checks it against sslrootcert,
+    verify-full also checks that it names the host of the URL. ValueError for a parameter that cannot work."""
+    params: dict[str, str] = {}
+    for name in _TLS_PARAMETERS:
+        value = url.query.get(name)
+        if isinstance(value, tuple):
+            raise ValueError(f"DATABASE_URL gives {name} more than once")
+        if value is not None:
+            params[name] = value
+    if not params:
+        return url, {}
+    if "ssl" in params and "sslmode" in params:
+        raise ValueError("DATABASE_URL gives both ssl and sslmode; keep sslmode")
+    mode = params.get("sslmode") or params.get("ssl")
+    if mode is None:
+        raise ValueError("DATABASE_URL: sslrootcert, sslcert and sslkey take effect with an sslmode (verify-full)")
+    if mode not in _SSL_MODES:
+        raise ValueError(f"DATABASE_URL: sslmode={mode!r} is none of {', '.join(_SSL_MODES)}")
+    return url.difference_update_query(params), {"ssl": _ssl_argument(mode, params)}
+
+
+def _ssl_argument(mode: str, params: dict[str, str]) -> ssl.SSLContext | str | bool:
+    """asyncpg's `ssl=` for a libpq sslmode. A context makes TLS mandatory: asyncpg refuses a server that will not
+    speak it instead of falling back to plaintext."""
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer"):  # opportunistic and never verified: asyncpg knows these by the same names
+        return mode
+    rootcert, cert, key = params.get("sslrootcert"), params.get("sslcert"), params.get("sslkey")
+    if mode.startswith("verify-") and not rootcert:
+        raise ValueError(f"DATABASE_URL: sslmode={mode} needs sslrootcert, the CA certificate to check the server by")
+    if key and not cert:
+        raise ValueError("DATABASE_URL: sslkey without sslcert")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = mode == "verify-full"
+    try:
+        if rootcert:
+            context.load_verify_locations(cafile=rootcert)
+        else:
+            context.verify_mode = ssl.CERT_NONE
+        if cert:
+            context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError is one; neither names the file it could not use
+        names = ", ".join(f"{name}={params[name]}" for name in ("sslrootcert", "sslcert", "sslkey") if name in params)
+        raise ValueError(f"DATABASE_URL: cannot load {names}: {exc}") from None
+    return context
 
 
 def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import inspect
 import ipaddress
 import logging
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from services.core import metrics, registry
+from services.core import identity, metrics, registry
 from services.core.context import Caller, RequestInfo, current_request, request_id, set_request
 from services.core.errors import Reason, ServiceError
 from services.core.status import client_error, to_grpc_status
@@ -58,8 +59,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         trusted_proxies: str,
         domain_of: Callable[[str], str],
         slow_call_seconds: float,
+        mutual_tls: bool = False,
+        join_token: str = "",
     ) -> None:
+        """With `mutual_tls` the peer's certificate names its workload (the server checked the chain), and a call
+        without one (the plaintext health port) may only ask for health; with `join_token` the control plane's
+        methods need it."""
         self._verifier = verifier
+        self._mutual_tls = mutual_tls
+        self._join_token = join_token
         self._trusted = [ipaddress.ip_network(n.strip()) for n in trusted_proxies.split(",") if n.strip()]
         # Peers are few (Envoy, the other services): parsing an address on every call is not worth it.
         self._is_trusted = functools.lru_cache(maxsize=1024)(self._check_trusted)
@@ -129,20 +137,27 @@ class _Call:
         self.method = method
         self.streaming_requests = streaming_requests
         self.public = registry.is_public_method(method)
+        # With mutual TLS, the services whose certificate may make this call (None: anyone's, users' calls).
+        self.callers = registry.INTERNAL_METHODS.get(method) if owner._mutual_tls else None
+        self.join_token = owner._join_token if method.startswith(registry.CONTROL_PLANE_PREFIXES) else ""
         self.quiet = method.startswith(_QUIET_PREFIXES)
+        self.health = method.startswith(f"/{registry.HEALTH_SERVICE}/")
         self.domain = owner._domain_of(method)
         service, name = metrics.split_method(method)
         self.in_flight = metrics.RPC_IN_FLIGHT.labels(service)
         self.seconds = metrics.RPC_SECONDS.labels(service, name)
         self.handled = {code: metrics.RPC_HANDLED.labels(service, name, code.name) for code in grpc.StatusCode}
 
-    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[RequestInfo, str]:
-        """Make the call's facts the current request; returns them and the bearer token ("" when none)."""
-        rid = forwarded = agent = token = ""
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[RequestInfo, str, str]:
+        """Make the call's facts the current request; returns them, the bearer token and the join token ("" when
+        none)."""
+        rid = forwarded = agent = token = join_token = ""
         for key, value in context.invocation_metadata() or ():
             if not isinstance(value, str):  # binary ("-bin") metadata
                 continue
-            if key == "x-request-id":
+            if key == identity.JOIN_TOKEN_HEADER:
+                join_token = value
+            elif key == "x-request-id":
                 rid = value[:128]
             elif key == "x-forwarded-for":
                 forwarded = value
@@ -157,27 +172,49 @@ class _Call:
             method=self.method,
             client_ip=self.owner.client_ip(_peer_ip(context.peer()), forwarded),
             user_agent=agent,
+            workloads=_peer_workloads(context) if self.owner._mutual_tls else frozenset(),
         )
         set_request(info)
-        return info, token
+        return info, token, join_token
 
-    async def _authenticate(self, info: RequestInfo, token: str) -> None:
-        if self.public:
-            return
+    async def _authenticate(self, info: RequestInfo, token: str, join_token: str) -> None:
+        """Who may make this call: the peer (mutual TLS, the join token), then the caller (the access token)."""
+        self._check_join_token(join_token)
+        self._check_peer(info)
+        if self.owner._mutual_tls and not info.workloads and not self.health:
+            raise ServiceError(Reason.UNAUTHENTICATED, "this port answers health checks only; the API needs mutual TLS")
+        if self.public or (not token and self.callers is not None):
+            return  # no token needed, or a service on its own behalf (its certificate is its credential)
         if not token:
             raise ServiceError(Reason.UNAUTHENTICATED, "missing access token (authorization: Bearer ...)")
         set_request(replace(info, caller=await self.owner._verifier.verify(token), bearer_token=token))
+
+    def _check_join_token(self, presented: str) -> None:
+        """The control plane's methods: only for holders of the mesh's join token."""
+        if self.join_token and not hmac.compare_digest(presented.encode(), self.join_token.encode()):
+            raise ServiceError(
+                Reason.UNAUTHENTICATED, f"missing or wrong mesh join token ({identity.JOIN_TOKEN_HEADER})"
+            )
+
+    def _check_peer(self, info: RequestInfo) -> None:
+        """Internal methods: only for the services their entry in registry.INTERNAL_METHODS names."""
+        if self.callers is not None and not info.workloads & self.callers:
+            raise ServiceError(
+                Reason.PERMISSION_DENIED,
+                "this method is for the mesh's services: the caller's certificate names none of "
+                + ", ".join(sorted(self.callers)),
+            )
 
     async def unary(
         self, behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         started = time.perf_counter()
-        info, token = self._begin(context)
+        info, token, join_token = self._begin(context)
         self.in_flight.inc()
         failed = True
         try:
             context.set_trailing_metadata(((_REQUEST_ID, info.request_id),))
-            await self._authenticate(info, token)
+            await self._authenticate(info, token, join_token)
             result = await behavior(self._checked(request), context)
             failed = False
             return result
@@ -193,12 +230,12 @@ class _Call:
         self, behavior: Callable[..., AsyncIterator[Any]], request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         started = time.perf_counter()
-        info, token = self._begin(context)
+        info, token, join_token = self._begin(context)
         self.in_flight.inc()
         failed = True
         try:
             context.set_trailing_metadata(((_REQUEST_ID, info.request_id),))
-            await self._authenticate(info, token)
+            await self._authenticate(info, token, join_token)
             async for item in behavior(self._checked(request), context):
                 yield item
             failed = False
@@ -285,6 +322,18 @@ async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         if isinstance(message, _Undecodable):
             raise message.error()
         yield message
+
+
+@functools.lru_cache(maxsize=256)
+def _workloads_of(uris: tuple[bytes, ...]) -> frozenset[str]:
+    names = (identity.workload_of(uri.decode(errors="replace")) for uri in uris)
+    return frozenset(name for name in names if name)
+
+
+def _peer_workloads(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:
+    """The workloads named by the certificate the peer presented, which gRPC verified against the mesh's roots in
+    the handshake (its URI subject alternative names, as gRPC lists them)."""
+    return _workloads_of(tuple(context.auth_context().get("peer_uri", ())))
 
 
 def _peer_ip(peer: str | None) -> str:

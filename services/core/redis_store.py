@@ -2,6 +2,9 @@
 
 Callers that must not stall when Redis is gone (token checks, rate limits, audit) ask `available` first; after a
 connection error the connection stays "down" for a second instead of paying a timeout on every call.
+
+TLS is the URL's: `rediss://` with redis-py's query parameters (ssl_ca_certs, ssl_certfile, ssl_keyfile,
+ssl_cert_reqs, ssl_check_hostname), which `from_url` reads; docs/backend-tls.md.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class RedisConnection:
     def mark_down(self, exc: BaseException) -> StoreUnavailable:
         """Remember an outage; returns the exception to raise."""
         if self.available:
-            log.warning("redis unreachable", extra={"error": type(exc).__name__})
+            # The message tells a refused connection from a failed TLS handshake (a CA or host name that fails).
+            log.warning("redis unreachable", extra={"error": type(exc).__name__, "detail": str(exc)})
         self._down_until = time.monotonic() + DOWN_SECONDS
         return StoreUnavailable(str(exc))
 

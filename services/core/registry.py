@@ -69,6 +69,7 @@ CONTROL_PLANE = ServiceSpec(
 )
 
 BY_NAME: dict[str, ServiceSpec] = {s.name: s for s in SERVICES}
+SERVICE_NAMES: frozenset[str] = frozenset(BY_NAME)
 BY_GRPC_SERVICE: dict[str, ServiceSpec] = {s.grpc_service: s for s in SERVICES}
 
 # Methods that need no access token. Every other method of every service requires one; the auth interceptor and
@@ -83,16 +84,26 @@ PUBLIC_METHODS: frozenset[str] = frozenset(
     }
 )
 
+# Methods for the mesh's own services, never for outside callers: Envoy does not route them, and with mutual TLS
+# (MESH_TLS) the caller's certificate must name one of the services listed (PERMISSION_DENIED otherwise).
+INTERNAL_METHODS: dict[str, frozenset[str]] = {
+    # Every service records audit events; without Redis they reach the ledger through this call.
+    "/voiceassist.audit.v1.AuditService/AppendEvent": SERVICE_NAMES,
+}
+
+# The control plane's services, for the mesh's processes and Envoy: with mutual TLS every call carries the join
+# token (MESH_JOIN_TOKEN) instead of an access token.
+CONTROL_PLANE_PREFIXES = (
+    f"/{CONTROL_PLANE.grpc_service}/",
+    "/voiceassist.control.v1.CertificateAuthorityService/",
+    "/envoy.service.discovery.v3.",
+)
+
 # Infrastructure services every server hosts; never authenticated. The control plane's own services (xDS for
 # Envoy, endpoint announcements from workers) are not user calls either: they stay on the private network, and
 # carry no user token.
 HEALTH_SERVICE = "grpc.health.v1.Health"
-INFRASTRUCTURE_PREFIXES = (
-    "/grpc.health.v1.",
-    "/grpc.reflection.",
-    f"/{CONTROL_PLANE.grpc_service}/",
-    "/envoy.service.discovery.v3.",
-)
+INFRASTRUCTURE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", *CONTROL_PLANE_PREFIXES)
 
 
 def spec(name: str) -> ServiceSpec:

@@ -6,6 +6,7 @@ the process hosts, so embedded mode shares one revocation list and one audit que
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 
 from services.core.audit_client import AuditClient, AuditSink, QueueSink, RedisStreamSink
 from services.core.audit_rpc_sink import RpcSink
+from services.core.certificates import WorkloadCertificates
 from services.core.clients import ChannelPool
 from services.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from services.core.redis_store import RedisConnection
@@ -27,13 +29,16 @@ class Runtime:
     """Process-wide wiring, chosen from settings; never business logic."""
 
     def __init__(
-        self, settings: CoreSettings, hosted: Iterable[str], self_address: str, audit_sink: AuditSink | None = None
-    ) -> None:
-        """`audit_sink` replaces the one settings choose (a command that must know its events are committed)."""
+        self, settings: CoreSettings, hosted: Iterable[str], self_address: str, audit_sink: AuditSink | None = None,
+        certificates: WorkloadCertificates | None = None,
+    ) -> None:  # fmt: skip
+        """`audit_sink` replaces the one settings choose (a command that must know its events are committed);
+        `certificates` (MESH_TLS) are this process's, for mutual TLS with the services it calls."""
         self.settings = settings
         self.hosted = frozenset(hosted)
         self.self_address = self_address
-        self.channels = ChannelPool(self.address)
+        self.certificates = certificates
+        self.channels = ChannelPool(self.address, certificates)
         self.redis: RedisConnection | None = None
         self.revocations: RevocationList
         self.rate_limiter: RateLimiter
@@ -69,14 +74,15 @@ class Runtime:
         if "audit" in self.hosted:
             self.audit_queue = asyncio.Queue(limit)
             return QueueSink(self.audit_queue)
-        return RpcSink(lambda: audit_pb2_grpc.AuditServiceStub(self.channels.get("audit")), limit)
+        stub = functools.partial(self.channels.stub, "audit", audit_pb2_grpc.AuditServiceStub)
+        return RpcSink(stub, limit, forward_tokens=self.certificates is None)
 
     def audit(self, service: str) -> AuditClient:
         """An audit client that records events as `service`."""
         return AuditClient(service, self.audit_sink)
 
     async def _fetch_jwks(self) -> list[dict[str, Any]]:
-        stub = auth_pb2_grpc.AuthServiceStub(self.channels.get("auth"))
+        stub = self.channels.stub("auth", auth_pb2_grpc.AuthServiceStub)
         reply = await stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=5)
         return [MessageToDict(k, preserving_proto_field_name=True) for k in reply.keys]
 

@@ -9,6 +9,7 @@ grace period, close the services' resources, return (exit code 0).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -21,11 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import interceptors, registry, status
 from services.core.announcer import Announcer
+from services.core.certificates import CertificateUnavailable, WorkloadCertificates, enrolled
 from services.core.errors import Reason, ServiceError
 from services.core.logs import configure_logging
 from services.core.metrics import serve_metrics
 from services.core.runtime import Runtime
-from services.core.settings import CoreSettings
+from services.core.settings import CoreSettings, local_address
 from voiceassist.audit.v1 import audit_pb2
 from voiceassist.auth.v1 import auth_pb2
 from voiceassist.rag.v1 import rag_pb2
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PROBE_INTERVAL_SECONDS = 5.0
+ENROLL_TIMEOUT_SECONDS = 60.0  # a worker started with the control plane waits this long for its certificate
 
 # Importing the generated modules registers every mesh service in the default descriptor pool, which server
 # reflection answers from.
@@ -76,7 +79,7 @@ class MeshHealthServicer(HealthServicer):
         owner = registry.BY_GRPC_SERVICE.get(request.service)
         if owner is None or owner.name in self._runtime.hosted:
             return await super().Check(request, context)
-        stub = health_pb2_grpc.HealthStub(self._runtime.channels.get(owner.name))
+        stub = self._runtime.channels.stub(owner.name, health_pb2_grpc.HealthStub)
         try:
             # types-grpcio-health-checking declares HealthStub without its methods (the generated class adds them).
             reply: health_pb2.HealthCheckResponse = await stub.Check(request, timeout=2.0)  # type: ignore[attr-defined]
@@ -125,6 +128,9 @@ def new_server(runtime: Runtime) -> grpc.aio.Server:
                 trusted_proxies=runtime.settings.trusted_proxies,
                 domain_of=status.method_domain,
                 slow_call_seconds=runtime.settings.log_slow_call_seconds,
+                # The control plane's callers have no certificate (they are asking for one): the join token instead.
+                mutual_tls=runtime.certificates is not None and registry.CONTROL_PLANE.name not in runtime.hosted,
+                join_token=runtime.settings.mesh_join_token.get_secret_value() if runtime.certificates else "",
             )
         ],
         options=server_options(runtime.settings),
@@ -149,13 +155,42 @@ def build_server(runtime: Runtime, hosted: list[Hosted]) -> tuple[grpc.aio.Serve
     return server, add_services(server, runtime, hosted)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> None:
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
         raise PortInUse(f"cannot listen on {address}: the port is in use (or the address is not this host's)")
+
+
+IdentitySource = Callable[[CoreSettings], WorkloadCertificates]
+
+
+async def _workload_certificates(
+    settings: CoreSettings, factories: dict[str, ServiceFactory], source: IdentitySource | None
+) -> WorkloadCertificates | None:
+    """This process's certificates (MESH_TLS), issued by the control plane unless `source` makes them; None for
+    plaintext, which production allows on loopback only."""
+    if not settings.mesh_tls:
+        if settings.environment == "production" and local_address(settings.grpc_host) != "127.0.0.1":
+            raise StartupRefused(f"MESH_TLS=false is for loopback only; this server binds {settings.grpc_host}")
+        return None
+    if source is None:
+        if not settings.control_plane_addr:
+            raise StartupRefused(
+                "MESH_TLS needs CONTROL_PLANE_ADDR (its certificate authority issues this process's certificate); "
+                "set MESH_TLS=false for plaintext on loopback (embedded mode)"
+            )
+        if not settings.mesh_join_token.get_secret_value():
+            raise StartupRefused("MESH_TLS needs MESH_JOIN_TOKEN, the secret the control plane issues certificates for")
+        source = functools.partial(enrolled, workloads=[name for name in factories if name in registry.BY_NAME])
+    certificates = source(settings)
+    try:
+        await certificates.start(wait_seconds=ENROLL_TIMEOUT_SECONDS)
+    except CertificateUnavailable as exc:
+        raise StartupRefused(str(exc)) from None
+    return certificates
 
 
 async def _check(health: MeshHealthServicer, hosted: list[Hosted]) -> bool:
@@ -191,14 +226,21 @@ async def serve(
     port: int,
     metrics_port: int | None,
     ready: asyncio.Event | None = None,
+    identity_source: IdentitySource | None = None,
 ) -> None:
     """Host the given services until SIGTERM/SIGINT, then shut down gracefully. StartupRefused when it cannot
     (PortInUse is checked before the services load, so it is reported within a second or two)."""
     configure_logging(settings.log_level, service="+".join(factories))
     address = f"{settings.grpc_host}:{port}"
-    runtime = Runtime(settings, factories, address)
+    certificates = await _workload_certificates(settings, factories, identity_source)
+    runtime = Runtime(settings, factories, address, certificates=certificates)
     server = new_server(runtime)
-    _bind(server, address)
+    # Services accept only peers with a mesh certificate; the control plane's callers authenticate with the join
+    # token instead (a process asks it for its first certificate before it has one).
+    mutual = registry.CONTROL_PLANE.name not in factories
+    _bind(server, address, certificates.server_credentials(require_client_auth=mutual) if certificates else None)
+    if certificates and mutual and settings.grpc_health_port:
+        _bind(server, f"{settings.grpc_host}:{settings.grpc_health_port}", None)  # health only: the interceptor
     if metrics_port is not None and settings.metrics_enabled:
         try:
             serve_metrics(settings.metrics_host, metrics_port)
@@ -243,4 +285,6 @@ async def serve(
             except Exception:
                 log.exception("closing %s failed", service.spec.name)
     await runtime.close()
+    if certificates is not None:
+        await certificates.close()
     log.info("stopped")

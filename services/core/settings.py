@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, create_model
+from pydantic import Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core import registry
@@ -45,7 +45,9 @@ class _CoreSettings(ServiceSettings):
     database_url: str = Field(
         "",
         description="SQLAlchemy URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test. Each service uses its "
-        "own schema in it. Empty: one SQLite file per service under data_dir (embedded mode).",
+        "own schema in it. TLS as libpq spells it in the query: sslmode (disable, require, verify-ca, verify-full), "
+        "sslrootcert, sslcert, sslkey (docs/backend-tls.md). Empty: one SQLite file per service under data_dir "
+        "(embedded mode).",
     )
     database_schema_prefix: str = Field(
         "", description="Prefix of each service's PostgreSQL schema (tests use it to isolate runs)."
@@ -63,7 +65,9 @@ class _CoreSettings(ServiceSettings):
         "more recently is not: a ping on every checkout costs asyncpg three round trips, more than the query.",
     )
     redis_url: str = Field(
-        "", description="e.g. redis://127.0.0.1:6379/0. Empty: in-process stores and queues (embedded mode)."
+        "",
+        description="e.g. redis://127.0.0.1:6379/0; rediss:// for TLS, with ssl_ca_certs, ssl_certfile and "
+        "ssl_keyfile in the query (docs/backend-tls.md). Empty: in-process stores and queues (embedded mode).",
     )
     redis_key_prefix: str = Field("va:", description="Prefix of every Redis key and stream this system writes.")
     redis_timeout_seconds: float = Field(
@@ -115,6 +119,13 @@ class _CoreSettings(ServiceSettings):
         "the entry Envoy appended (the last one); from anyone else the peer address is used.",
     )
 
+    grpc_health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="With MESH_TLS: a plaintext port (on grpc_host) that answers gRPC health checks and nothing else, "
+        "for probes that cannot present a certificate (Kubernetes' gRPC probes, container health checks). 0: none.",
+    )
     grpc_advertise_host: str = Field(
         "",
         description="The address Envoy reaches this process at, announced to the control plane. Empty: grpc_host, or "
@@ -135,8 +146,32 @@ class _CoreSettings(ServiceSettings):
         description="host:port of the control plane that workers announce themselves to when SERVING (and withdraw "
         "from when stopping). Empty: no announcements (embedded mode, static Envoy configurations).",
     )
+    mesh_tls: bool = Field(
+        False,
+        description="Mutual TLS between every process of the mesh (Envoy, the services, the control plane), with "
+        "short-lived certificates from the control plane's certificate authority, and HTTPS at Envoy's listener; "
+        "the command-line clients then call Envoy over TLS too. `voiceassist up --mesh`, compose.yaml and the "
+        "Kubernetes manifests turn it on. false: plaintext, for embedded mode on loopback; production refuses it "
+        "for a server bound beyond loopback.",
+    )
+    mesh_join_token: SecretStr = Field(
+        SecretStr(""),
+        description="The shared secret a process presents to the control plane to be issued its certificate (and "
+        "that Envoy presents on its xDS stream). Required with MESH_TLS; `voiceassist up --mesh` makes one per run.",
+    )
+    mesh_trust_bundle: Path | None = Field(
+        None,
+        description="PEM file of the mesh's root certificate, which every process verifies its peers against (public; "
+        "the control plane writes it). Empty: data_dir/mesh-ca/root.pem.",
+    )
     envoy_host: str = Field("127.0.0.1", description="Interface Envoy's listener binds to.")
     envoy_port: int = Field(8080, ge=1, le=65535, description="Envoy's listener (JSON, gRPC, gRPC-Web).")
+    envoy_redirect_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="With MESH_TLS: a plaintext HTTP listener that only redirects to HTTPS on envoy_port (0: none).",
+    )
     envoy_admin_port: int = Field(9901, ge=1, le=65535, description="Envoy's admin interface, bound to 127.0.0.1 only.")
     cors_allowed_origins: str = Field(
         "http://localhost:3000,http://127.0.0.1:3000",
@@ -147,6 +182,11 @@ class _CoreSettings(ServiceSettings):
     def envoy_address(self) -> str:
         """host:port where this machine reaches Envoy: what the CLIs call by default."""
         return f"{local_address(self.envoy_host)}:{self.envoy_port}"
+
+    @property
+    def trust_bundle_path(self) -> Path:
+        """Where the mesh's root certificate is read from."""
+        return self.mesh_trust_bundle or self.data_dir / "mesh-ca" / "root.pem"
 
     @property
     def logs(self) -> Path:

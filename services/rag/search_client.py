@@ -1,10 +1,12 @@
 """The knowledge base as the answer pipeline sees it: the search service's Search RPC through its generated stub.
 
-The channel comes from the runtime's pool, which forwards the caller's bearer token and request id, so the search
+The stub comes from the runtime's channel pool, which forwards the caller's bearer token and request id, so the search
 service authorises the same user and logs the same request.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 
@@ -15,8 +17,8 @@ from voiceassist.search.v1 import search_pb2, search_pb2_grpc
 class SearchRetriever:
     """A Retriever over SearchService/Search (hybrid mode)."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_seconds: float) -> None:
-        self._stub = search_pb2_grpc.SearchServiceStub(channel)
+    def __init__(self, stub: Callable[[], search_pb2_grpc.SearchServiceStub], timeout_seconds: float) -> None:
+        self._stub = stub  # asked per call: the channel behind it is replaced when certificates renew
         self._timeout = timeout_seconds
 
     async def retrieve(self, query: str, specialty: str, limit: int) -> list[Passage]:
@@ -28,7 +30,7 @@ class SearchRetriever:
             filters=search_pb2.SearchFilters(specialty=specialty) if specialty else None,
         )
         try:
-            reply = await self._stub.Search(request, timeout=self._timeout)
+            reply = await self._stub().Search(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise RetrievalFailed(exc.code().name) from None
         return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from services.rag.settings import RagSettings, rag_settings
 from services.rag.store import ConversationRow, MessageRow, RagStore
 from voiceassist.common.v1 import citation_pb2
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
+from voiceassist.search.v1 import search_pb2_grpc
 
 SPEC = registry.spec("rag")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -313,7 +315,8 @@ async def build_answering(
 async def build(runtime: Runtime) -> Hosted:
     """The rag service, ready to add to a server."""
     settings = rag_settings()
-    search = SearchRetriever(runtime.channels.get("search"), settings.retrieval_timeout_seconds)
+    search_stub = functools.partial(runtime.channels.stub, "search", search_pb2_grpc.SearchServiceStub)
+    search = SearchRetriever(search_stub, settings.retrieval_timeout_seconds)
     answering = await build_answering(settings, runtime.settings, runtime.audit("rag"), search)
     servicer = RagServicer(answering.conversations, answering.answers, answering.phi)
     return Hosted(

@@ -56,7 +56,7 @@ class Added:
 def connect(sign_in: SignIn) -> Connection:
     """A channel to the sign-in's address and the metadata that authenticates calls on it."""
     metadata = sign_in.metadata()
-    channel = grpc.insecure_channel(sign_in.address, options=[("grpc.max_send_message_length", 8 * PIECE)])
+    channel = sign_in.channel(options=[("grpc.max_send_message_length", 8 * PIECE)])
     return Connection(channel, metadata)
 
 

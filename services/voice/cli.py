@@ -50,7 +50,7 @@ async def paced_audio(pcm: bytes, rate: int, speed: float) -> AsyncIterator[byte
 async def connect(sign_in: SignIn) -> AsyncIterator[tuple[voice_pb2_grpc.VoiceServiceStub, Metadata]]:
     """A VoiceService stub at the sign-in's address and the metadata that authenticates its calls."""
     metadata = await asyncio.to_thread(sign_in.metadata)  # may sign in (a blocking call, or a password prompt)
-    async with grpc.aio.insecure_channel(sign_in.address) as channel:
+    async with sign_in.aio_channel() as channel:
         yield voice_pb2_grpc.VoiceServiceStub(channel), metadata
 
 

@@ -7,7 +7,7 @@ authorises the same user (their conversations only) and logs the same request.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -34,8 +34,8 @@ def downstream_error(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
 class RagAnswers:
     """Conversations and streamed answers from rag (implements conversation.AnswerSource)."""
 
-    def __init__(self, channel: grpc.aio.Channel, answer_timeout: float) -> None:
-        self._stub = rag_pb2_grpc.RagServiceStub(channel)
+    def __init__(self, stub: Callable[[], rag_pb2_grpc.RagServiceStub], answer_timeout: float) -> None:
+        self._stub = stub  # asked per call: the channel behind it is replaced when certificates renew
         self._answer_timeout = answer_timeout
 
     async def open_conversation(self, conversation_id: str, title: str) -> str:
@@ -43,10 +43,10 @@ class RagAnswers:
         try:
             if conversation_id:
                 request = rag_pb2.GetConversationRequest(conversation_id=conversation_id)
-                reply = await self._stub.GetConversation(request, timeout=CALL_TIMEOUT_SECONDS)
+                reply = await self._stub().GetConversation(request, timeout=CALL_TIMEOUT_SECONDS)
             else:
                 create = rag_pb2.CreateConversationRequest(title=title)
-                reply = await self._stub.CreateConversation(create, timeout=CALL_TIMEOUT_SECONDS)
+                reply = await self._stub().CreateConversation(create, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "opening the conversation") from None
         conversation: rag_pb2.Conversation = reply.conversation  # the generated stub's replies are untyped
@@ -67,7 +67,7 @@ class RagAnswers:
             clinical_context=clinical_context,
             client_message_id=client_message_id,
         )
-        call = self._stub.StreamAsk(request, timeout=self._answer_timeout)
+        call = self._stub().StreamAsk(request, timeout=self._answer_timeout)
         try:
             async for reply in call:
                 kind = reply.WhichOneof("event")

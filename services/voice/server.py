@@ -67,6 +67,7 @@ from services.voice.synthesis import (
     speech_options,
 )
 from services.voice.transcription import transcribe
+from voiceassist.rag.v1 import rag_pb2_grpc
 from voiceassist.voice.v1 import voice_pb2, voice_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,7 @@ async def build(runtime: Runtime) -> Hosted:
         settings,
         recognizer,
         synthesizer,
-        RagAnswers(runtime.channels.get("rag"), settings.answer_timeout_seconds),
+        RagAnswers(lambda: runtime.channels.stub("rag", rag_pb2_grpc.RagServiceStub), settings.answer_timeout_seconds),
         SessionRegistry(settings, runtime.audit("voice")),
     )
     return Hosted(

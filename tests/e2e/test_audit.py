@@ -22,7 +22,8 @@ import grpc
 import httpx
 import pytest
 import redis
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, json_format
+from google.rpc import error_details_pb2
 
 from services.audit import ledger_proofs as lp
 from services.core.audit_client import STREAM, AuditClient, RedisStreamSink
@@ -31,6 +32,7 @@ from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import (
     Account,
+    error_detail,
     error_reason,
     json_login,
     json_reason,
@@ -79,6 +81,14 @@ def mesh_admin(mesh: Cluster) -> Account:
     auth = next(s for s in mesh.servers if s.services == "auth")
     with grpc.insecure_channel(auth.address) as channel:
         return create_admin(mesh, channel)
+
+
+@pytest.fixture
+def audit_direct(mesh: Cluster) -> Iterator[audit_pb2_grpc.AuditServiceStub]:
+    """AuditService at the audit server itself: AppendEvent is internal, Envoy does not route it."""
+    server = next(s for s in mesh.servers if s.services == "audit")
+    with mesh.channel(server) as channel:
+        yield audit_pb2_grpc.AuditServiceStub(channel)
 
 
 @pytest.fixture
@@ -215,12 +225,17 @@ def test_an_error_mid_export_is_the_last_ndjson_line_and_the_calls_status(
     assert {r.event.action for r in replies[2:]} <= {"audit.events.export"}  # reading the trail is audited too
 
 
-def test_bad_input_gets_precise_errors(mesh_http: httpx.Client, mesh_admin: Account) -> None:
+def test_bad_input_gets_precise_errors(
+    mesh_http: httpx.Client, mesh_admin: Account, audit_direct: audit_pb2_grpc.AuditServiceStub
+) -> None:
     headers = mesh_admin.headers
 
-    def append(**event) -> httpx.Response:
+    def append(**event) -> grpc.RpcError:
         base = {"eventId": str(uuid.uuid4()), "action": "test.bad.input", "outcome": "OUTCOME_SUCCESS"}
-        return mesh_http.post("/v1/audit/events", json={**base, **event}, headers=headers)
+        request = A.AppendEventRequest(event=json_format.ParseDict({**base, **event}, A.Event()))
+        with pytest.raises(grpc.RpcError) as caught:
+            audit_direct.AppendEvent(request, metadata=mesh_admin.metadata, timeout=10)
+        return caught.value
 
     cases = [
         (append(metadata={f"k{i}": "v" for i in range(33)}), "event.metadata", "TOO_MANY_ENTRIES"),
@@ -231,10 +246,10 @@ def test_bad_input_gets_precise_errors(mesh_http: httpx.Client, mesh_admin: Acco
         (append(outcome="OUTCOME_UNSPECIFIED"), "event.outcome", ""),
         (append(requestId="r" * 129), "event.request_id", ""),
     ]
-    for reply, field, reason in cases:
-        assert reply.status_code == 400 and json_reason(reply.json()) == "VALIDATION_ERROR", reply.text
-        [violation] = next(d for d in reply.json()["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
-        assert violation["field"] == field and violation.get("reason", "") == reason
+    for error, field, reason in cases:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == "VALIDATION_ERROR"
+        [violation] = error_detail(error, error_details_pb2.BadRequest).field_violations
+        assert violation.field == field and violation.reason == reason
 
     size = int(mesh_http.get("/v1/audit/checkpoint", headers=headers).json()["checkpoint"]["treeSize"])
     beyond = [
@@ -263,9 +278,22 @@ def test_bad_input_gets_precise_errors(mesh_http: httpx.Client, mesh_admin: Acco
     assert mesh_http.get("/v1/audit/events").status_code == 401
 
 
-def test_append_event_lets_admins_attest_anything_and_users_only_their_own_actions(
-    mesh_http: httpx.Client, mesh_admin: Account, audit_stub: audit_pb2_grpc.AuditServiceStub
+def test_append_event_is_not_routed_by_envoy(mesh_http: httpx.Client, mesh_admin: Account,
+                                            audit_stub: audit_pb2_grpc.AuditServiceStub) -> None:  # fmt: skip
+    event = A.Event(event_id=str(uuid.uuid4()), action="client.note.saved", outcome=A.OUTCOME_SUCCESS)
+    with pytest.raises(grpc.RpcError) as caught:
+        audit_stub.AppendEvent(A.AppendEventRequest(event=event), metadata=mesh_admin.metadata, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    body = {"eventId": event.event_id, "action": event.action, "outcome": "OUTCOME_SUCCESS"}
+    assert mesh_http.post("/v1/audit/events", json=body, headers=mesh_admin.headers).status_code in (404, 405)
+
+
+def test_append_event_in_plaintext_lets_admins_attest_anything_and_users_only_their_own_actions(
+    mesh_http: httpx.Client, mesh_admin: Account, audit_direct: audit_pb2_grpc.AuditServiceStub
 ) -> None:
+    """Without mutual TLS callers are known by their tokens only (with it, services alone may append:
+    test_transport_security.py)."""
+    audit_stub = audit_direct
     user = _register_json(mesh_http)
     other = _register_json(mesh_http)
     forged = A.Event(event_id=str(uuid.uuid4()), action="auth.login.success", outcome=A.OUTCOME_SUCCESS,

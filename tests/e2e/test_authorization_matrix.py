@@ -8,6 +8,7 @@ try a deletion while its target still exists.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -26,12 +27,12 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
-from services.core import registry
+from services.core import certificates, registry
 from services.core.settings import ROOT
 from tests.support.admin import create_admin
 from tests.support.clients import STRONG_PASSWORD, Account, register_and_login, unique_email
 from tests.support.fuzzing import http_rule, query_pairs
-from tests.support.mesh import Cluster, all_upstreams
+from tests.support.mesh import Cluster
 from voiceassist.audit.v1 import audit_pb2, audit_pb2_grpc
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 from voiceassist.rag.v1 import rag_pb2, rag_pb2_grpc
@@ -41,7 +42,6 @@ from voiceassist.voice.v1 import voice_pb2  # noqa: F401  (registers VoiceServic
 MATRIX = yaml.safe_load((ROOT / "proto" / "authorization.yaml").read_text())
 # The owner last: a row that deletes its target is tried by everyone else first.
 CALLERS = ("anonymous", "service", "other_user", "viewer", "admin", "user")
-PENDING = "pending: issue 18"
 ROLES = {"user": auth_pb2.ROLE_USER, "other_user": auth_pb2.ROLE_USER, "viewer": auth_pb2.ROLE_VIEWER,
          "admin": auth_pb2.ROLE_ADMIN}  # fmt: skip
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -79,8 +79,9 @@ def test_matrix_covers_exactly_the_public_rpcs() -> None:
     assert {name for name, _ in rows()} == set(METHODS)
     for name, row in rows():
         assert set(row["expect"]) == set(CALLERS), name
-        for outcome in row["expect"].values():
-            assert outcome == PENDING or outcome in grpc.StatusCode.__members__, (name, outcome)
+        assert set(row.get("edge", {})) in (set(), set(CALLERS) - {"service"}), name
+        for outcome in [*row["expect"].values(), *row.get("edge", {}).values()]:
+            assert outcome in grpc.StatusCode.__members__, (name, outcome)
         assert row.get("session") in (None, "fresh", "disposable"), name
 
 
@@ -138,7 +139,7 @@ class World:
         )
         if session == "fresh":
             values["refresh_token"] = self.login(self.accounts["user"]).refresh_token
-        if who == "anonymous":
+        if who in ("anonymous", "service"):  # no token (a service is known by its certificate)
             return Caller(None), values
         account = self.account(who) if session == "disposable" else self.accounts[who]
         # A call that may end its session runs on a session of its own, never the account's shared one.
@@ -171,8 +172,9 @@ class World:
         }
 
 
-def build_world(cluster: Cluster, channel: grpc.Channel) -> World:
-    """The accounts every transport shares, the user's conversation and an audit event the user performed."""
+def build_world(cluster: Cluster, channel: grpc.Channel, as_service: grpc.Channel) -> World:
+    """The accounts every transport shares, the user's conversation and an audit event the user performed (recorded,
+    as services do, by a service)."""
     admin = create_admin(cluster, channel)
     world = World(channel, admin, {"admin": admin}, {})
     for who in ("user", "other_user", "viewer"):
@@ -181,9 +183,11 @@ def build_world(cluster: Cluster, channel: grpc.Channel) -> World:
     made = rag_pb2_grpc.RagServiceStub(channel).CreateConversation(
         rag_pb2.CreateConversationRequest(title="Matrix"), metadata=user.metadata, timeout=CALL_SECONDS
     )
+    event = audit_pb2.Event(event_id=str(uuid.uuid4()), action="matrix.setup", outcome=audit_pb2.OUTCOME_SUCCESS,
+                            actor=audit_pb2.Actor(id=user.user_id, role="user"))  # fmt: skip
+    audit_pb2_grpc.AuditServiceStub(as_service).AppendEvent(audit_pb2.AppendEventRequest(event=event),
+                                                            timeout=CALL_SECONDS)  # fmt: skip
     audit = audit_pb2_grpc.AuditServiceStub(channel)
-    event = audit_pb2.Event(event_id=str(uuid.uuid4()), action="matrix.setup", outcome=audit_pb2.OUTCOME_SUCCESS)
-    audit.AppendEvent(audit_pb2.AppendEventRequest(event=event), metadata=user.metadata, timeout=CALL_SECONDS)
     stored = audit.GetEvent(audit_pb2.GetEventRequest(event_id=event.event_id), metadata=user.metadata,
                             timeout=CALL_SECONDS).event  # fmt: skip
     world.values = {
@@ -301,10 +305,13 @@ def json_outcome(http: httpx.Client, method: MethodDescriptor, request: Message,
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """The matrix's own embedded server and Envoy: its rows delete documents and end sessions."""
-    cluster = Cluster.create(tmp_path_factory.mktemp("matrix"), mesh=False)
+    """The matrix's own server (every service in one process) with mutual TLS, and Envoy over xDS with HTTPS: its
+    rows delete documents and end sessions."""
+    cluster = Cluster.create(tmp_path_factory.mktemp("matrix"), mesh=False, tls=True)
     try:
-        cluster.start_envoy(all_upstreams(cluster.start("all")))
+        cluster.start_control_plane()
+        cluster.start("all")
+        cluster.start_xds_envoy()
         yield cluster
     finally:
         cluster.stop()
@@ -312,38 +319,47 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def direct(cluster: Cluster) -> Iterator[grpc.Channel]:
-    """A gRPC channel straight to the matrix's server."""
-    with grpc.insecure_channel(cluster.servers[0].address) as channel:
+    """A gRPC channel straight to the matrix's server, with an operator's certificate (no service identity)."""
+    with cluster.channel(cluster.servers[0]) as channel:
         yield channel
 
 
 @pytest.fixture(scope="module")
-def world(cluster: Cluster, direct: grpc.Channel) -> World:
-    return build_world(cluster, direct)
+def as_service(cluster: Cluster) -> Iterator[grpc.Channel]:
+    """A gRPC channel straight to the matrix's server with a service's certificate (rag's)."""
+    with cluster.channel(cluster.servers[0], asyncio.run(certificates.issue(cluster.settings(), ["rag"]))) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def world(cluster: Cluster, direct: grpc.Channel, as_service: grpc.Channel) -> World:
+    return build_world(cluster, direct, as_service)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "envoy-grpc", "envoy-json"])
-def test_every_cell_of_the_matrix_holds(cluster: Cluster, direct: grpc.Channel, world: World, transport: str) -> None:
-    assert cluster.envoy is not None
+def test_every_cell_of_the_matrix_holds(
+    cluster: Cluster, direct: grpc.Channel, as_service: grpc.Channel, world: World, transport: str
+) -> None:
     targets = world.targets()
-    edge = grpc.insecure_channel(cluster.envoy.address)
-    http = httpx.Client(base_url=cluster.envoy.http, timeout=CALL_SECONDS)
+    edge = cluster.edge_channel()
+    http = cluster.http_client(timeout=CALL_SECONDS)
     wrong = []
     try:
         for name, row in rows():
             method = METHODS[name]
             if transport == "envoy-json" and http_rule(method) is None:
-                continue  # client- and bidi-streaming methods are gRPC only
+                continue  # client- and bidi-streaming methods are gRPC only, and internal ones not routed
             for who in CALLERS:
-                expected = row["expect"][who]
-                if expected == PENDING:
-                    continue
+                if who == "service" and transport != "grpc":
+                    continue  # through Envoy every caller is the edge
+                expected = row.get("edge", row["expect"])[who] if transport != "grpc" else row["expect"][who]
                 caller, values = world.caller(who, row.get("session"))
                 requests = messages(method, fill(row["request"], values | targets))
                 if transport == "envoy-json":
                     got = json_outcome(http, method, requests[0], caller)
                 else:
-                    got = grpc_outcome(direct if transport == "grpc" else edge, method, requests, caller)
+                    channel = edge if transport != "grpc" else as_service if who == "service" else direct
+                    got = grpc_outcome(channel, method, requests, caller)
                 if got != expected:
                     wrong.append(f"{name} as {who}: {got}, expected {expected}")
     finally:

@@ -1,7 +1,7 @@
 """The mesh across three hosts (network namespaces on one bridge): host a runs Envoy and the control plane, host b
 auth, rag and search, host c voice, audit and a second auth worker; PostgreSQL and Redis are reached through the
-bridge. When host c's link goes down, Envoy ejects its auth endpoint within seconds and reads keep succeeding on
-host b's worker."""
+bridge. Every link between hosts is mutual TLS, and Envoy serves HTTPS (MESH_TLS). When host c's link goes down,
+Envoy ejects its auth endpoint within seconds and reads keep succeeding on host b's worker."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 
 from services import launcher
 from services.control_plane import envoy_config
-from services.core import registry
+from services.core import identity, registry
 from tests.support.clients import Account, register_and_login
-from tests.support.mesh import Cluster, Envoy, drop_schemas
+from tests.support.mesh import Cluster, Envoy, drop_schemas, when_written
 from tests.support.netns import Host, NetworkLab
 from voiceassist.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -35,6 +35,7 @@ class Mesh:
     lab: NetworkLab
     envoy: Envoy
     account: Account
+    edge: launcher.Tls  # HTTPS to Envoy, verified against the mesh's root
 
     def auth_endpoint(self, host: str) -> str:
         return f"{self.lab.host(host).address}:{registry.spec('auth').port}"
@@ -46,7 +47,7 @@ def _start(host: Host, args: list[str], env: dict[str, str], workdir: Path, name
 
 @pytest.fixture
 def mesh(workdir: Path) -> Iterator[Mesh]:
-    cluster = Cluster.create(workdir, mesh=True)
+    cluster = Cluster.create(workdir, mesh=True, tls=True)
     try:
         with NetworkLab(["a", "b", "c"]) as lab:
             yield from _run_mesh(lab, cluster, workdir)
@@ -63,12 +64,16 @@ def _run_mesh(lab: NetworkLab, cluster: Cluster, workdir: Path) -> Iterator[Mesh
         "CONTROL_PLANE_ADDR": f"{a.address}:{CONTROL_PLANE_PORT}",
         "ENVOY_HOST": "0.0.0.0",
         "TRUSTED_PROXIES": f"{a.address}/32",  # Envoy's host
+        "CONTROL_PLANE_EDGE_HOSTNAMES": f"localhost,{a.address}",  # the test calls Envoy at host a's address
     }
     for spec in registry.SERVICES:  # service-to-service calls go to each service's hosts, round-robin
         hosts = [lab.host(h).address for h, names in PLACEMENT.items() if spec.name in names]
         env[f"{spec.name.upper()}_ADDR"] = "ipv4:" + ",".join(f"{h}:{spec.port}" for h in hosts)
     _start(a, launcher.control_plane_args(CONTROL_PLANE_PORT, None), env, workdir, "control-plane")
-    launcher.wait_healthy(f"{a.address}:{CONTROL_PLANE_PORT}", [registry.CONTROL_PLANE.grpc_service], 60)
+    roots = when_written(cluster.trust_bundle, 60)
+    control_plane_tls = launcher.Tls(grpc.ssl_channel_credentials(roots), identity.CONTROL_PLANE)
+    launcher.wait_healthy(f"{a.address}:{CONTROL_PLANE_PORT}", [registry.CONTROL_PLANE.grpc_service], 60,
+                          tls=control_plane_tls)  # fmt: skip
     for host in (b, c):
         for name in PLACEMENT[host.name]:
             _start(host, launcher.server_args(name, registry.spec(name).port, None), env, workdir, name)
@@ -79,11 +84,12 @@ def _run_mesh(lab: NetworkLab, cluster: Cluster, workdir: Path) -> Iterator[Mesh
     config = workdir / "envoy.yaml"
     config.write_text(envoy_config.render(target))
     process = a.popen(launcher.envoy_args(config), env={}, log_path=workdir / "a-envoy.log")
-    envoy = Envoy(ENVOY_PORT, ENVOY_ADMIN_PORT, process, workdir / "a-envoy.log", host=a.address)
-    launcher.wait_healthy(envoy.address, [s.grpc_service for s in registry.SERVICES], timeout=240)
-    with grpc.insecure_channel(envoy.address) as channel:
+    envoy = Envoy(ENVOY_PORT, ENVOY_ADMIN_PORT, process, workdir / "a-envoy.log", host=a.address, tls=True)
+    edge = launcher.Tls(grpc.ssl_channel_credentials(roots))
+    launcher.wait_healthy(envoy.address, [s.grpc_service for s in registry.SERVICES], timeout=240, tls=edge)
+    with edge.channel(envoy.address) as channel:
         account = register_and_login(channel)
-    yield Mesh(lab, envoy, account)
+    yield Mesh(lab, envoy, account, edge)
 
 
 def _read(channel: grpc.Channel, account: Account) -> None:
@@ -98,7 +104,7 @@ def test_a_partitioned_host_is_ejected_and_reads_keep_succeeding(mesh: Mesh) -> 
     done = threading.Event()
 
     def reads() -> None:
-        with grpc.insecure_channel(mesh.envoy.address) as channel:
+        with mesh.edge.channel(mesh.envoy.address) as channel:
             while not done.is_set():
                 try:
                     _read(channel, mesh.account)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -42,6 +43,29 @@ class System:
     def envoy(self) -> str:
         """host:port of its Envoy."""
         return f"127.0.0.1:{self.env['ENVOY_PORT']}"
+
+    @property
+    def roots(self) -> Path | None:
+        """The mesh's root certificate when it runs mutual TLS (`up --mesh`), else None (embedded: plaintext)."""
+        path = Path(self.env["DATA_DIR"]) / "mesh-ca" / "root.pem"
+        return path if "--mesh" in self.process.args else None
+
+    def channel(self) -> grpc.Channel:
+        """A gRPC channel to its Envoy (TLS verified against the mesh's root in mesh mode)."""
+        if self.roots is None:
+            return grpc.insecure_channel(self.envoy)
+        return grpc.secure_channel(self.envoy, grpc.ssl_channel_credentials(self.roots.read_bytes()))
+
+    def jwks(self) -> dict:
+        """GET /v1/auth/jwks through its Envoy."""
+        if self.roots is None:
+            return httpx.get(f"http://{self.envoy}/v1/auth/jwks", timeout=10).json()
+        verify = ssl.create_default_context(cafile=str(self.roots))
+        return httpx.get(f"https://{self.envoy}/v1/auth/jwks", timeout=10, verify=verify).json()
+
+    def tls(self) -> launcher.Tls | None:
+        """How to reach its Envoy for health checks."""
+        return launcher.Tls(grpc.ssl_channel_credentials(self.roots.read_bytes())) if self.roots else None
 
     def text(self) -> str:
         """What it printed so far."""
@@ -130,7 +154,7 @@ def mesh_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.mark.mesh
 def test_kill_9_of_a_service_is_named_and_restarted_while_the_others_answer(mesh_system: System) -> None:
-    with grpc.insecure_channel(mesh_system.envoy) as channel:
+    with mesh_system.channel() as channel:
         account = register_and_login(channel)
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         voice = voice_pb2_grpc.VoiceServiceStub(channel)
@@ -144,7 +168,7 @@ def test_kill_9_of_a_service_is_named_and_restarted_while_the_others_answer(mesh
             calls += 1
         assert calls > 0
     assert "audit died (killed by SIGKILL)" in mesh_system.text()
-    launcher.wait_healthy(mesh_system.envoy, [registry.spec("audit").grpc_service], timeout=30)
+    launcher.wait_healthy(mesh_system.envoy, [registry.spec("audit").grpc_service], timeout=30, tls=mesh_system.tls())
 
 
 @pytest.mark.mesh
@@ -154,9 +178,9 @@ def test_two_systems_run_side_by_side_with_their_own_ports(mesh_system: System, 
         other.wait_for("VoiceAssist Mesh is up", timeout=300)
         keys = []
         for system in (mesh_system, other):
-            with grpc.insecure_channel(system.envoy) as channel:
+            with system.channel() as channel:
                 register_and_login(channel)  # each answers with its own accounts
-            keys.append(httpx.get(f"http://{system.envoy}/v1/auth/jwks", timeout=10).json()["keys"][0]["kid"])
+            keys.append(system.jwks()["keys"][0]["kid"])
         assert keys[0] != keys[1]  # two systems, not one answering twice
     finally:
         assert other.stop() == 0

@@ -5,18 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import ssl
 import subprocess
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import redis
 
 from services import launcher
 from services.control_plane import envoy_config
-from services.core import registry
+from services.core import identity, registry
+from services.core.certificates import operator_credentials
 from services.core.settings import CoreSettings
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -77,11 +83,12 @@ class Envoy:
     process: subprocess.Popen
     log: Path
     host: str = "127.0.0.1"  # where this test process reaches its listener and its admin interface
+    tls: bool = False  # HTTPS at the listener (mesh TLS)
 
     @property
     def http(self) -> str:
         """Base URL for JSON calls."""
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
@@ -123,12 +130,17 @@ class Cluster:
     servers: list[Server] = field(default_factory=list)
     envoy: Envoy | None = None
     control_plane: Server | None = None
+    _operator: identity.Credentials | None = None
 
     @classmethod
-    def create(cls, workdir: Path, *, mesh: bool, **extra_env: str) -> Cluster:
-        """A cluster in `workdir`; `mesh` uses PostgreSQL and Redis, otherwise SQLite and in-process stores."""
+    def create(cls, workdir: Path, *, mesh: bool, tls: bool = False, **extra_env: str) -> Cluster:
+        """A cluster in `workdir`; `mesh` uses PostgreSQL and Redis, otherwise SQLite and in-process stores; `tls`
+        runs mutual TLS between its processes and HTTPS at Envoy (start the control plane first: it issues the
+        certificates)."""
         run = uuid.uuid4().hex[:8]
         env = {
+            "MESH_TLS": "true" if tls else "false",
+            "MESH_JOIN_TOKEN": uuid.uuid4().hex if tls else "",
             "ENVIRONMENT": "test",
             "DATA_DIR": str(workdir / "data"),
             "LOG_LEVEL": "INFO",
@@ -170,10 +182,58 @@ class Cluster:
             self.wait_serving(server, names)
         return server
 
+    @property
+    def tls(self) -> bool:
+        """Whether this cluster runs mutual TLS."""
+        return self.env.get("MESH_TLS") == "true"
+
+    @property
+    def trust_bundle(self) -> Path:
+        """The mesh's root certificate (PEM), written by the control plane."""
+        return self.settings().trust_bundle_path
+
+    def operator(self) -> identity.Credentials:
+        """A certificate for the operator workload (renewed when it is within 10 minutes of expiring)."""
+        if self._operator is None or self._operator.expires_at - datetime.now(UTC) < timedelta(minutes=10):
+            self._operator = operator_credentials(self.settings())
+        return self._operator
+
+    def server_tls(self, server_name: str, credentials: identity.Credentials | None = None) -> launcher.Tls | None:
+        """How to reach one of this cluster's servers (its certificate names `server_name`): mutual TLS with
+        `credentials` (default: the operator's), or None in plaintext."""
+        if not self.tls:
+            return None
+        c = credentials or self.operator()
+        return launcher.Tls(grpc.ssl_channel_credentials(c.trust_pem, c.key_pem, c.chain_pem), server_name)
+
+    def channel(self, server: Server, credentials: identity.Credentials | None = None) -> grpc.Channel:
+        """A gRPC channel straight to `server` (mutual TLS in a TLS cluster)."""
+        tls = self.server_tls(_server_name(server.services), credentials)
+        return tls.channel(server.address) if tls else grpc.insecure_channel(server.address)
+
+    def http_client(self, **options: Any) -> httpx.Client:
+        """A JSON client of this cluster's Envoy (HTTPS verified against the mesh's root in a TLS cluster)."""
+        assert self.envoy is not None
+        verify: ssl.SSLContext | bool = True
+        if self.envoy.tls:
+            verify = ssl.create_default_context(cafile=str(self.trust_bundle))
+        return httpx.Client(base_url=self.envoy.http, verify=verify, **{"timeout": 30, **options})
+
+    def edge_channel(self) -> grpc.Channel:
+        """A gRPC channel through this cluster's Envoy."""
+        assert self.envoy is not None
+        tls = self.edge_tls() if self.envoy.tls else None
+        return tls.channel(self.envoy.address) if tls else grpc.insecure_channel(self.envoy.address)
+
+    def edge_tls(self) -> launcher.Tls | None:
+        """How to reach Envoy's listener: HTTPS verified against the mesh's root, or None in plaintext."""
+        return launcher.Tls(grpc.ssl_channel_credentials(self.trust_bundle.read_bytes())) if self.tls else None
+
     def wait_serving(self, server: Server, names: list[str], timeout: float = 180) -> None:
         """Wait until `server` reports every name SERVING; its log in the error when it does not."""
         try:
-            launcher.wait_healthy(server.address, names, timeout=timeout)
+            tls = self.server_tls(_server_name(server.services))
+            launcher.wait_healthy(server.address, names, timeout=timeout, tls=tls)
         except TimeoutError:
             raise RuntimeError(f"{server.services} did not start:\n{server.log_text()[-4000:]}") from None
 
@@ -212,7 +272,14 @@ class Cluster:
         process = launcher.spawn(args, env={**self.env, **extra_env}, log_path=log)
         server = Server("control-plane", port, process, log)
         self.control_plane = server
-        self.wait_serving(server, [registry.CONTROL_PLANE.grpc_service], timeout=60)
+        try:
+            tls = None
+            if self.tls:  # server-authenticated TLS, once the control plane has written its root
+                roots = when_written(self.trust_bundle, timeout=60)
+                tls = launcher.Tls(grpc.ssl_channel_credentials(roots), identity.CONTROL_PLANE)
+            launcher.wait_healthy(server.address, [registry.CONTROL_PLANE.grpc_service], timeout=60, tls=tls)
+        except TimeoutError:
+            raise RuntimeError(f"the control plane did not start:\n{server.log_text()[-4000:]}") from None
         return server
 
     def start_xds_envoy(
@@ -233,12 +300,15 @@ class Cluster:
         config = self.workdir / f"envoy-{target.listen_port}.yaml"
         config.write_text(envoy_config.render(target))
         log = self.workdir / f"envoy-{target.listen_port}.log"
-        self.envoy = Envoy(target.listen_port, target.admin_port, launcher.start_envoy(config, log_path=log), log)
+        process = launcher.start_envoy(config, log_path=log)
+        self.envoy = Envoy(target.listen_port, target.admin_port, process, log, tls=target.control_plane is not None
+                           and self.tls)  # fmt: skip
         try:
             launcher.wait_envoy_ready(target.admin_port, timeout=60, process=self.envoy.process)
         except (TimeoutError, RuntimeError) as exc:
             raise RuntimeError(f"{exc}; its log:\n{log.read_text(errors='replace')[-3000:]}") from None
-        launcher.wait_healthy(self.envoy.address, list(wait_for), timeout=60)
+        launcher.wait_healthy(self.envoy.address, list(wait_for), timeout=60,
+                              tls=self.edge_tls() if self.envoy.tls else None)  # fmt: skip
         return self.envoy
 
     def stop(self) -> list[int]:
@@ -249,6 +319,23 @@ class Cluster:
         if self.env.get("REDIS_URL"):
             _delete_redis_prefix(self.env["REDIS_URL"], self.env["REDIS_KEY_PREFIX"])
         return codes
+
+
+def when_written(path: Path, timeout: float) -> bytes:
+    """The contents of `path` once it exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not written in {timeout}s")
+        time.sleep(0.1)
+    return path.read_bytes()
+
+
+def _server_name(services: str) -> str:
+    """The name a server's certificate carries: its service, or the control plane's workload name."""
+    if services == "all":  # every service, each named in the certificate
+        return registry.SERVICES[0].name
+    return identity.CONTROL_PLANE if services == "control-plane" else services
 
 
 def _delete_redis_prefix(url: str, prefix: str) -> None:

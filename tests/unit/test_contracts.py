@@ -16,7 +16,8 @@ What a service's code can return is found by reading its source, not by running 
   (`require_role` raises PERMISSION_DENIED, `decode_page_token` INVALID_PAGE_TOKEN, ...), one call deep;
 - the reasons of the stack every call passes through: the interceptor (`services/core/interceptors.py`) and, for
   services with methods that need an access token, its authentication step and the token verifier
-  (`services/core/tokens.py`).
+  (`services/core/tokens.py`); its join-token check for the control plane's services, and its peer check for
+  services with internal methods (registry.INTERNAL_METHODS).
 The scan over-approximates (a reason only named in an audit record counts) and cannot see a reason relayed from
 another service's reply (voice relays rag's); a proto may list such reasons too, as long as `Reason` has them.
 """
@@ -38,6 +39,10 @@ from services.core.status import service_domain
 
 SERVICES = ROOT / "services"
 SPECS = {spec.grpc_service: spec for spec in (*registry.SERVICES, registry.CONTROL_PLANE)}
+# The control plane's certificate authority: a service of the control plane package, in modules of its own.
+CERTIFICATE_AUTHORITY = "voiceassist.control.v1.CertificateAuthorityService"
+SPECS[CERTIFICATE_AUTHORITY] = registry.CONTROL_PLANE
+MODULES = {CERTIFICATE_AUTHORITY: [SERVICES / "control_plane" / n for n in ("certificates.py", "authority.py")]}
 CORE = SERVICES / "core"
 # The control plane renders Envoy's configuration, whose own replies (body too large, no route, upstream down) carry
 # reasons of the edge's domain ("envoy.voiceassist"), not of the control plane's RPCs.
@@ -123,23 +128,34 @@ def _module_reasons(path: Path) -> set[Reason]:
 
 
 @functools.cache
-def _interceptor() -> tuple[set[Reason], set[Reason]]:
-    """The interceptor's reasons for every call, and those of its authentication step with the token verifier's."""
+def _interceptor() -> dict[str, set[Reason]]:
+    """The interceptor's reasons by step: every call, authentication (with the token verifier's), the join token
+    check and the peer check."""
     path = CORE / "interceptors.py"
     call = next(n for n in _tree(path).body if isinstance(n, ast.ClassDef) and n.name == "_Call")
-    step = _uses(next(n for n in call.body if getattr(n, "name", "") == "_authenticate"))
-    return _module_reasons(path) - step, step | _module_reasons(CORE / "tokens.py")
+
+    def step(name: str) -> set[Reason]:
+        return _uses(next(n for n in call.body if getattr(n, "name", "") == name))
+
+    join, peer = step("_check_join_token"), step("_check_peer")
+    authentication = step("_authenticate") | _module_reasons(CORE / "tokens.py")
+    every_call = _module_reasons(path) - step("_authenticate") - join - peer
+    return {"every call": every_call, "authentication": authentication, "join": join, "peer": peer}
 
 
 def raised(grpc_service: str) -> set[Reason]:
     """Every reason the code behind `grpc_service` can return, by the static scan the module docstring explains."""
     package = SERVICES / SPECS[grpc_service].name
-    every_call, authentication = _interceptor()
-    modules = [path for path in package.rglob("*.py") if path not in EDGE_MODULES]
-    found = every_call.union(*(_module_reasons(path) for path in modules))
+    steps = _interceptor()
+    modules = MODULES.get(grpc_service) or [path for path in package.rglob("*.py") if path not in EDGE_MODULES]
+    found = steps["every call"].union(*(_module_reasons(path) for path in modules))
     _, methods = _services()[grpc_service]
     if not all(registry.is_public_method(m) for m in methods):
-        found |= authentication
+        found |= steps["authentication"]
+    if any(m.startswith(registry.CONTROL_PLANE_PREFIXES) for m in methods):
+        found |= steps["join"]
+    if any(m in registry.INTERNAL_METHODS for m in methods):
+        found |= steps["peer"]
     return found
 
 

@@ -21,8 +21,10 @@ from services.core.settings import ROOT, CoreSettings
 BIN = Path(sys.executable).parent
 
 
-def _run(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BUF_CACHE_DIR": str(ROOT / "build" / "buf-cache")}
+def _run(
+    *args: str, cwd: Path = ROOT, extra_env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BUF_CACHE_DIR": str(ROOT / "build" / "buf-cache"), **(extra_env or {})}
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300, env=env, **kwargs)
 
 
@@ -97,17 +99,23 @@ def test_compose_file_is_valid_and_matches_the_registry() -> None:
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.fail("docker-compose is missing: run scripts/system-deps")
-    result = _run(compose, "-f", "compose.yaml", "config")
+    # The join token is the one value compose cannot default: it refuses to start without it.
+    assert "MESH_JOIN_TOKEN" in _run(compose, "-f", "compose.yaml", "config", extra_env={"MESH_JOIN_TOKEN": ""}).stderr
+    result = _run(compose, "-f", "compose.yaml", "config", extra_env={"MESH_JOIN_TOKEN": "t0ken"})
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     cp = registry.CONTROL_PLANE
     for spec in (*registry.SERVICES, cp):
         assert {str(spec.port), str(spec.metrics_port)} == set(services[spec.dns_name]["expose"]), spec.name
-        assert f"127.0.0.1:{spec.port}" in services[spec.dns_name]["healthcheck"]["test"], spec.name
+    # Mutual TLS: services are probed on their plaintext health-only port, the control plane over TLS.
+    assert f"127.0.0.1:{cp.port}" in services[cp.dns_name]["healthcheck"]["test"]
+    assert "--tls-server-name" in services[cp.dns_name]["healthcheck"]["test"]
     for spec in registry.SERVICES:
         env = services[spec.dns_name]["environment"]
+        assert f"127.0.0.1:{env['GRPC_HEALTH_PORT']}" in services[spec.dns_name]["healthcheck"]["test"], spec.name
         assert env["CONTROL_PLANE_ADDR"] == f"{cp.dns_name}:{cp.port}"
         assert env[f"{spec.name.upper()}_ADDR"] == f"dns:///{spec.dns_name}:{spec.port}"
+        assert env["MESH_TLS"] == "true" and env["MESH_JOIN_TOKEN"] == "t0ken"
     assert {"postgres", "redis", "qdrant", "envoy"} <= set(services)
     assert f"{ROOT}/envoy/envoy.cluster.yaml:/etc/envoy/envoy.yaml:ro" in services["envoy"]["volumes"]
 
@@ -147,7 +155,7 @@ def _manifests(overlay: str) -> dict[str, dict[str, dict]]:
     docs: dict[str, dict[str, dict]] = {}
     for doc in filter(None, yaml.safe_load_all(_kustomize(overlay))):
         name = doc["metadata"]["name"]
-        if doc["kind"] == "ConfigMap":
+        if doc["kind"] in ("ConfigMap", "Secret"):  # generated: a content hash follows the name
             name = name.rsplit("-", 1)[0]
         docs.setdefault(doc["kind"], {})[name] = doc
     return docs
@@ -170,9 +178,13 @@ def test_kubernetes_manifests_match_the_registry(overlay: str) -> None:
     assert control["spec"]["replicas"] == 1 and control["spec"]["strategy"]["type"] == "Recreate"
     container = control["spec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in container["ports"]} == {cp.port, cp.metrics_port}
-    assert container["readinessProbe"]["grpc"] == {"port": cp.port, "service": cp.grpc_service}
+    # Mutual TLS: the control plane is probed over TLS, the services on their plaintext health-only port.
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert f"127.0.0.1:{cp.port}" in probe and cp.grpc_service in probe and "--tls-server-name" in probe
+    assert config["MESH_TLS"] == "true" and "MESH_JOIN_TOKEN" in k8s["Secret"]["voiceassist-secrets"]["data"]
     envoy = k8s["Deployment"]["envoy"]["spec"]["template"]["spec"]["containers"][0]
-    assert [p["containerPort"] for p in envoy["ports"]] == [CoreSettings.model_fields["envoy_port"].default]
+    listeners = {int(config["ENVOY_PORT"]), int(config["ENVOY_REDIRECT_PORT"])}
+    assert {p["containerPort"] for p in envoy["ports"]} == listeners
     bootstrap = k8s["ConfigMap"]["envoy-config"]["data"]
     assert bootstrap == {"envoy.yaml": (ROOT / "envoy" / "envoy.cluster.yaml").read_text()}
 
@@ -181,7 +193,8 @@ def test_kubernetes_manifests_match_the_registry(overlay: str) -> None:
         deployment = k8s["Deployment"][spec.dns_name]
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert {p["containerPort"] for p in container["ports"]} == {spec.port, spec.metrics_port}, spec.name
-        assert container["readinessProbe"]["grpc"] == {"port": spec.port, "service": spec.grpc_service}, spec.name
+        probe = {"port": int(config["GRPC_HEALTH_PORT"]), "service": spec.grpc_service}
+        assert container["readinessProbe"]["grpc"] == probe, spec.name
         env = {e["name"]: e for e in container["env"]}
         assert env["GRPC_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, spec.name
         selector = deployment["spec"]["selector"]

@@ -36,7 +36,8 @@ class AuditServiceStub:
     - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
     - NOT_FOUND: the event does not exist or the caller may not see it.
     - UNAUTHENTICATED: the method needs an access token and the call carries none.
-    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - PERMISSION_DENIED: the caller's role may not call the method, appends an event someone else performed, or calls
+    AppendEvent without a service certificate (mutual TLS).
     - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
     - TOKEN_EXPIRED: the access token expired; refresh it.
     - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
@@ -107,7 +108,8 @@ class AuditServiceServicer:
     - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
     - NOT_FOUND: the event does not exist or the caller may not see it.
     - UNAUTHENTICATED: the method needs an access token and the call carries none.
-    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - PERMISSION_DENIED: the caller's role may not call the method, appends an event someone else performed, or calls
+    AppendEvent without a service certificate (mutual TLS).
     - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
     - TOKEN_EXPIRED: the access token expired; refresh it.
     - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).
@@ -145,10 +147,13 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AppendEvent(self, request, context):
-        """Queues one event for the ledger. For internal callers without Redis; the services' audit client normally
-        writes to the `audit.events` Redis stream instead. Idempotent on event_id. Admins and services may append any
-        event; any other caller only events they performed themselves (the actor is set from their token), at a
-        limited rate. The ledger records who appended it in `appended_by`.
+        """Queues one event for the ledger. Internal: for the mesh's services without Redis (their audit client normally
+        writes to the `audit.events` Redis stream instead); Envoy does not route it. Idempotent on event_id.
+        With mutual TLS (MESH_TLS) only a service may call it, proven by its certificate: PERMISSION_DENIED for anyone
+        else, whatever their token. The event is attributed to that service (its `service` field), including events of
+        calls without an access token (a login), and the ledger records `appended_by` as "service:<name>". In plaintext
+        (embedded mode on loopback) callers are known by their tokens only: admins may append any event, any other
+        caller only events they performed themselves (the actor is set from their token), at a limited rate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,7 +250,8 @@ class AuditService:
     - VALIDATION_ERROR: a request field is missing or malformed; google.rpc.BadRequest names it.
     - NOT_FOUND: the event does not exist or the caller may not see it.
     - UNAUTHENTICATED: the method needs an access token and the call carries none.
-    - PERMISSION_DENIED: the caller's role may not call the method, or appends an event someone else performed.
+    - PERMISSION_DENIED: the caller's role may not call the method, appends an event someone else performed, or calls
+    AppendEvent without a service certificate (mutual TLS).
     - RATE_LIMITED: AppendEvent past the per-caller limit; google.rpc.RetryInfo says when to retry.
     - TOKEN_EXPIRED: the access token expired; refresh it.
     - TOKEN_REVOKED: the access token was revoked (logout, password change, role change or deactivation).

@@ -31,11 +31,13 @@ class EndpointRegistryServiceStub:
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
     (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
-    access token.
+    access token; with mutual TLS (MESH_TLS) they carry the mesh's join token in the `x-voiceassist-join-token`
+    metadata, as Envoy's xDS stream does.
 
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - UNAUTHENTICATED: with mutual TLS, no join token or a wrong one.
     - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
@@ -59,11 +61,13 @@ class EndpointRegistryServiceServicer:
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
     (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
-    access token.
+    access token; with mutual TLS (MESH_TLS) they carry the mesh's join token in the `x-voiceassist-join-token`
+    metadata, as Envoy's xDS stream does.
 
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - UNAUTHENTICATED: with mutual TLS, no join token or a wrong one.
     - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
@@ -100,11 +104,13 @@ class EndpointRegistryService:
 
     A worker announces itself once it is SERVING and keeps the stream open for as long as it runs: a closed stream
     (the worker stopped or died, or its host became unreachable) withdraws the endpoint at once. Calls carry no
-    access token.
+    access token; with mutual TLS (MESH_TLS) they carry the mesh's join token in the `x-voiceassist-join-token`
+    metadata, as Envoy's xDS stream does.
 
     Error reasons (google.rpc.ErrorInfo.reason; domain "control_plane.voiceassist"):
     - VALIDATION_ERROR: a malformed endpoint or state; google.rpc.BadRequest names the field.
     - NOT_FOUND: the endpoint names a service the registry does not know.
+    - UNAUTHENTICATED: with mutual TLS, no join token or a wrong one.
     - BACKEND_UNAVAILABLE: a connection the call needed was lost (the one answer of every service to an outage); retry.
     - INTERNAL: an unexpected failure; the message carries the request id only.
     """
