@@ -22,6 +22,7 @@ TARGET_RATIO = 0.8  # requests/s with TLS over plaintext: encryption should cost
 
 
 def _start(workdir: Path, tls: bool) -> tuple[Cluster, str, dict[str, str], dict[str, list[int]]]:
+    workdir.mkdir()
     cluster = Cluster.create(workdir, mesh=True, tls=tls, LOG_LEVEL="WARNING")
     cluster.start_control_plane()
     auth = cluster.start("auth")
