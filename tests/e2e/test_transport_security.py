@@ -178,40 +178,51 @@ def test_a_login_reaches_the_ledger_attributed_to_auth(secure: Cluster) -> None:
     assert all(e.service == "auth" for e in found.values())
 
 
-def test_a_service_certificate_renews_under_load_with_no_failed_call(secure: Cluster) -> None:
-    """auth's certificate lives 60 s and is renewed at two thirds of it: calls over fresh connections keep
-    succeeding across the renewal (each call below opens a new connection, so each is a new handshake)."""
+def _sds_updates(cluster: Cluster) -> int:
+    """How many times Envoy's TLS contexts took a new certificate or root from SDS (listeners and clusters)."""
+    assert cluster.envoy is not None
+    lines = cluster.envoy.admin("/stats?filter=ssl_context_update_by_sds").splitlines()
+    return sum(int(line.rpartition(": ")[2]) for line in lines if line.rpartition(": ")[2].isdigit())
+
+
+def test_certificates_renew_under_load_with_no_failed_call(secure: Cluster) -> None:
+    """Certificates live 60 s here and are renewed at two thirds of it: auth's (by auth itself) and Envoy's (pushed
+    over SDS). Calls straight to auth and through Envoy open a new connection each, so every call is a handshake
+    with whatever certificate is current; none fails across the renewals."""
     auth = _server(secure, "auth")
-    log_before = auth.log_text().count("workload certificate in force")
+    log_before, sds_before = auth.log_text().count("workload certificate in force"), _sds_updates(secure)
     failures: list[str] = []
-    calls = 0
+    calls = {"direct": 0, "edge": 0}
     stop = threading.Event()
 
-    def load() -> None:
-        nonlocal calls
+    def load(route: str) -> None:
         while not stop.is_set():
-            with secure.channel(auth) as channel:
+            with secure.channel(auth) if route == "direct" else secure.edge_channel() as channel:
                 try:
                     auth_pb2_grpc.AuthServiceStub(channel).GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
                 except grpc.RpcError as exc:
-                    failures.append(f"{exc.code().name}: {exc.details()}")
-            calls += 1
+                    failures.append(f"{route}: {exc.code().name}: {exc.details()}")
+            calls[route] += 1
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
+    workers = [threading.Thread(target=load, args=(route,)) for route in ("direct", "direct", "edge", "edge")]
     for worker in workers:
         worker.start()
+
+    def renewed() -> bool:
+        return (auth.log_text().count("workload certificate in force") > log_before
+                and _sds_updates(secure) > sds_before)  # fmt: skip
+
     try:
         deadline = time.monotonic() + 90
-        while auth.log_text().count("workload certificate in force") == log_before and time.monotonic() < deadline:
+        while not renewed() and time.monotonic() < deadline:
             time.sleep(1)
-        renewed = auth.log_text().count("workload certificate in force") > log_before
-        time.sleep(3)  # calls after the renewal, on the new certificate
+        assert renewed(), "auth's or Envoy's certificate was not renewed"
+        time.sleep(3)  # calls after the renewals, on the new certificates
     finally:
         stop.set()
         for worker in workers:
             worker.join()
-    assert renewed, "auth did not renew its certificate"
-    assert calls > 50 and failures == [], (calls, failures[:5])
+    assert calls["direct"] > 50 and calls["edge"] > 50 and failures == [], (calls, failures[:5])
 
 
 def _openssl(port: int, *options: str) -> subprocess.CompletedProcess[str]:
