@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import importlib
 import os
 import secrets
@@ -21,8 +20,10 @@ from pydantic import SecretStr
 
 from services import launcher
 from services.control_plane import envoy_config
+from services.control_plane.authority import Authority
+from services.control_plane.settings import control_plane_settings
 from services.core import identity, registry
-from services.core.certificates import CertificateUnavailable, operator_credentials
+from services.core.certificates import CertificateUnavailable, OperatorCertificate
 from services.core.errors import ServiceError
 from services.core.runtime import Runtime
 from services.core.server import IdentitySource, ServiceFactory, StartupRefused, serve
@@ -39,7 +40,6 @@ SERVERS = {
     "voice": "services.voice.server",
 }
 CONTROL_PLANE_SERVER = "services.control_plane.server"
-OPERATOR_RENEW_BEFORE = datetime.timedelta(minutes=10)  # the launcher's probe certificate is replaced this early
 
 
 class LazyGroup(click.Group):
@@ -149,7 +149,8 @@ def serve_command(service: str, workers: int, port: int | None, metrics_port: in
         _run_server({service: SERVERS[service]}, service, port, metrics)
         return
     _refuse_workers(service, workers, settings)
-    children = [_worker(service, i, workers, port, metrics, settings) for i in range(workers)]
+    operator = _operator(settings)
+    children = [_worker(service, i, workers, port, metrics, settings, operator=operator) for i in range(workers)]
     _supervise(Supervisor([children], _report), lambda: click.echo(f"{service}: {workers} workers serving", err=True))
 
 
@@ -192,17 +193,34 @@ def _report(message: str) -> None:
 
 
 def _worker(service: str, index: int, workers: int, port: int, metrics: int | None, settings: CoreSettings,
-            env: dict[str, str] | None = None) -> Child:  # fmt: skip
-    """Worker `index` (0-based) of a service that runs `workers` of them."""
+            env: dict[str, str] | None = None, operator: OperatorCertificate | None = None) -> Child:  # fmt: skip
+    """Worker `index` (0-based) of a service that runs `workers` of them; probed with `operator`'s certificate under
+    MESH_TLS."""
     name = service if workers == 1 else f"{service}#{index + 1}"
     address = f"{local_address(settings.grpc_host)}:{port + index}"
     grpc_service = registry.spec(service).grpc_service
-    operator = _operator_tls(settings, service)
+
+    def tls() -> launcher.Tls | None:
+        return launcher.Tls.presenting(operator(), service) if operator else None
+
     return Child(
         name, launcher.server_args(service, port + index, metrics + index if metrics else None),
         settings.logs / f"{name.replace('#', '-')}.log",
-        lambda: _is_serving(address, [grpc_service], operator), env=env or {}, group=service,
+        lambda: _is_serving(address, [grpc_service], tls), env=env or {}, group=service,
     )  # fmt: skip
+
+
+def _operator(settings: CoreSettings) -> OperatorCertificate | None:
+    """The certificate the launcher probes mesh servers with (MESH_TLS; issued once the control plane serves)."""
+    return OperatorCertificate(settings) if settings.mesh_tls else None
+
+
+def _verifying(settings: CoreSettings, server_name: str = "") -> Callable[[], launcher.Tls | None]:
+    """How to reach Envoy's listener or the control plane: TLS verified against the mesh's root (MESH_TLS; read
+    when probed, since the control plane writes it at its start), else plaintext."""
+    if not settings.mesh_tls:
+        return lambda: None
+    return lambda: launcher.Tls.verifying(settings.trust_bundle_path.read_bytes(), server_name)
 
 
 def _is_serving(address: str, services: list[str], tls: Callable[[], launcher.Tls | None]) -> bool:
@@ -212,39 +230,6 @@ def _is_serving(address: str, services: list[str], tls: Callable[[], launcher.Tl
         return launcher.is_serving(address, services, tls=tls())
     except (OSError, grpc.RpcError, CertificateUnavailable):
         return False
-
-
-def _operator_tls(settings: CoreSettings, server_name: str) -> Callable[[], launcher.Tls | None]:
-    """How the launcher reaches a mesh server to check its health: with an operator certificate (MESH_TLS, obtained
-    on first use, once the control plane runs), else plaintext."""
-    if not settings.mesh_tls:
-        return lambda: None
-
-    held: list[tuple[launcher.Tls, datetime.datetime]] = []
-
-    def tls() -> launcher.Tls:
-        if not held or held[0][1] - datetime.datetime.now(datetime.UTC) < OPERATOR_RENEW_BEFORE:
-            c = operator_credentials(settings)
-            credentials = grpc.ssl_channel_credentials(c.trust_pem, c.key_pem, c.chain_pem)
-            held[:] = [(launcher.Tls(credentials, server_name), c.expires_at)]
-        return held[0][0]
-
-    return tls
-
-
-def _edge_tls(settings: CoreSettings) -> Callable[[], launcher.Tls | None]:
-    """How to reach Envoy's listener: HTTPS verified against the mesh's roots (MESH_TLS), else plaintext."""
-    if not settings.mesh_tls:
-        return lambda: None
-    return lambda: launcher.Tls(grpc.ssl_channel_credentials(settings.trust_bundle_path.read_bytes()))
-
-
-def _control_plane_tls(settings: CoreSettings) -> Callable[[], launcher.Tls | None]:
-    """How to reach the control plane: TLS verified against the mesh's roots (MESH_TLS), else plaintext."""
-    if not settings.mesh_tls:
-        return lambda: None
-    roots = settings.trust_bundle_path
-    return lambda: launcher.Tls(grpc.ssl_channel_credentials(roots.read_bytes()), identity.CONTROL_PLANE)
 
 
 def _ports_in_use(wanted: list[tuple[str, str, int]]) -> list[str]:
@@ -267,7 +252,7 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
         cp_address = f"{local_address(settings.grpc_host)}:{cp}"
         env = {"CONTROL_PLANE_ADDR": settings.control_plane_addr, "MESH_TLS": str(settings.mesh_tls),
                "MESH_JOIN_TOKEN": settings.mesh_join_token.get_secret_value()}  # fmt: skip
-        control_tls = _control_plane_tls(settings)
+        control_tls, operator = _verifying(settings, identity.CONTROL_PLANE), _operator(settings)
         control = Child(
             "control-plane", launcher.control_plane_args(cp, settings.control_plane_metrics_port if metrics else None),
             settings.logs / "control-plane.log",
@@ -284,7 +269,7 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
                 ports += [(f"{spec.name.upper()}_METRICS_PORT + {i}", settings.metrics_host, metrics_port + i)
                           for i in range(count)]  # fmt: skip
             ports += [(f"{spec.name.upper()}_PORT + {i}", settings.grpc_host, port + i) for i in range(count)]
-            workers += [_worker(spec.name, i, count, port, metrics_port, settings, env) for i in range(count)]
+            workers += [_worker(spec.name, i, count, port, metrics_port, settings, env, operator) for i in range(count)]
         config = run / "envoy.mesh.yaml"
         config.write_text(envoy_config.render(envoy_config.xds_target(settings, ("127.0.0.1", cp))))
         stages = [[control], workers]
@@ -302,7 +287,7 @@ def _system(settings: CoreSettings, mesh: bool) -> tuple[list[list[Child]], list
         config.write_text(envoy_config.render(envoy_config.embedded_target(settings, str(envoy_config.DESCRIPTOR))))
         stages = [[server]]
     # Envoy is ready when every service answers health checks through its listener (routes and endpoints in place).
-    edge_tls = _edge_tls(settings) if mesh else lambda: None
+    edge_tls = _verifying(settings) if mesh else lambda: None
     envoy = Child(
         "envoy", launcher.envoy_args(config), settings.logs / "envoy.log",
         lambda: _is_serving(settings.envoy_address, everything, edge_tls),
@@ -356,10 +341,8 @@ def up_command(mesh: bool) -> None:
               "plaintext GRPC_HEALTH_PORT instead.")  # fmt: skip
 def probe_command(address: str, service: str, timeout: float, tls_server_name: str) -> None:
     """Exit 0 when gRPC health at ADDRESS reports SERVICE as SERVING (container health checks)."""
-    tls = None
-    if tls_server_name:
-        roots = core_settings().trust_bundle_path.read_bytes()
-        tls = launcher.Tls(grpc.ssl_channel_credentials(roots), tls_server_name)
+    tls = launcher.Tls.verifying(core_settings().trust_bundle_path.read_bytes(), tls_server_name) if tls_server_name \
+        else None
     try:
         launcher.wait_healthy(address, [service], timeout=timeout, tls=tls)
     except TimeoutError as exc:
@@ -371,12 +354,8 @@ def probe_command(address: str, service: str, timeout: float, tls_server_name: s
 def mesh_ca_command(directory: Path) -> None:
     """Make the mesh's certificate authority in DIRECTORY (root.key, encrypted with CONTROL_PLANE_CA_PASSPHRASE, and
     root.pem), for a deployment to keep in a secret; an existing one is only checked (the passphrase opens it)."""
-    authority_module = importlib.import_module("services.control_plane.authority")
-    settings = importlib.import_module("services.control_plane.settings").control_plane_settings()
-    lifetime = datetime.timedelta(seconds=settings.certificate_ttl_seconds)
     try:
-        authority = authority_module.Authority.open(directory, settings.ca_passphrase.get_secret_value().encode(),
-                                                    lifetime)  # fmt: skip
+        authority = Authority.configured(control_plane_settings(), directory)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     expires = authority.root.not_valid_after_utc.date().isoformat()

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.core import identity
 from services.core.settings import ROOT
 
 
@@ -105,6 +106,17 @@ class Tls:
 
     credentials: grpc.ChannelCredentials
     server_name: str = ""
+
+    @classmethod
+    def verifying(cls, roots: bytes, server_name: str = "") -> Tls:
+        """Server-authenticated TLS: the server's certificate must chain to `roots` (and name `server_name`)."""
+        return cls(grpc.ssl_channel_credentials(roots), server_name)
+
+    @classmethod
+    def presenting(cls, credentials: identity.Credentials, server_name: str) -> Tls:
+        """Mutual TLS with a workload's certificate, to a server whose certificate names `server_name`."""
+        c = credentials
+        return cls(grpc.ssl_channel_credentials(c.trust_pem, c.key_pem, c.chain_pem), server_name)
 
     def channel(self, address: str, options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
         """A secure channel to `address`."""

@@ -23,7 +23,7 @@ from services.audit.settings import AuditSettings, audit_settings
 from services.audit.store import AuditStore, CheckpointRow, LedgerRow
 from services.core import registry
 from services.core.audit_client import AuditClient
-from services.core.context import Caller, calling_service, current_caller, current_request, require_role
+from services.core.context import Caller, calling_services, current_caller, require_role
 from services.core.db import Database
 from services.core.errors import Reason, ServiceError, invalid, not_found
 from services.core.limits import AUDIT
@@ -179,21 +179,19 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def AppendEvent(
         self, request: audit_pb2.AppendEventRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.AppendEventResponse:
-        service = calling_service()
-        caller = None if service else current_caller()
         if not request.HasField("event"):
             raise invalid("event", "required")
         event = audit_pb2.Event()
         event.CopyFrom(request.event)
-        if service:
+        proven = calling_services()
+        if proven:
             # A service of ours, proven by its certificate (with mutual TLS no one else gets here): its events are
             # attributed to it, whoever's call it saw (a login has no authenticated caller).
-            info = current_request()
-            if info is None or event.service not in info.workloads:
-                event.service = service
+            if event.service not in proven:
+                event.service = min(proven)
             appended_by = f"service:{event.service}"
         else:
-            assert caller is not None
+            caller = current_caller()
             if not may_append_any(caller):
                 await self._limit_appends(caller)
                 as_own_event(event, caller)

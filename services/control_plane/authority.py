@@ -18,8 +18,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.control_plane.settings import ControlPlaneSettings
 from services.core import identity
 
 log = logging.getLogger(__name__)
@@ -64,22 +66,40 @@ class Authority:
         log.info("mesh certificate authority made", extra={"directory": str(directory), "encrypted": bool(passphrase)})
         return cls(root, key, leaf_lifetime)
 
-    def sign(self, request: x509.CertificateSigningRequest, workloads: Sequence[str],
-             dns_names: Sequence[str] = ()) -> bytes:  # fmt: skip
-        """A leaf certificate (PEM) for the request's key, naming `workloads` (and `dns_names`, for a server
-        that browsers or curl reach by name), valid for the leaf lifetime."""
+    @classmethod
+    def configured(cls, settings: ControlPlaneSettings, directory: Path) -> Authority:
+        """`open` with the passphrase and leaf lifetime of the control plane's settings."""
+        lifetime = datetime.timedelta(seconds=settings.certificate_ttl_seconds)
+        return cls.open(directory, settings.ca_passphrase.get_secret_value().encode(), lifetime)
+
+    def sign(self, request: x509.CertificateSigningRequest, workloads: Sequence[str]) -> x509.Certificate:
+        """A leaf certificate for a signing request's key, naming `workloads`; ValueError when the request's
+        signature does not match its key (whoever sent it does not hold the key)."""
         if not request.is_signature_valid:
-            raise ValueError("the signing request's signature is invalid")
+            raise ValueError("the signing request's signature does not match its key")
+        return self._leaf(request.public_key(), workloads, ())
+
+    def issue(self, workloads: Sequence[str], dns_names: Sequence[str] = ()) -> identity.Credentials:
+        """A fresh key and its certificate, for a workload the control plane serves itself (Envoy over SDS, its
+        own server)."""
+        key = identity.new_key()
+        leaf = self._leaf(key.public_key(), workloads, dns_names).public_bytes(serialization.Encoding.PEM)
+        return identity.Credentials(identity.key_pem(key), leaf, self.trust_pem)
+
+    def _leaf(self, public_key: CertificatePublicKeyTypes, workloads: Sequence[str],
+              dns_names: Sequence[str]) -> x509.Certificate:  # fmt: skip
+        """A leaf certificate for `public_key`, naming `workloads` (and `dns_names`, for a server that browsers
+        or curl reach by name), valid for the leaf lifetime."""
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id(w)) for w in workloads]
         # The workload name as a DNS name too: gRPC clients check the server's name (ssl_target_name_override).
         names += [_host_name(d) for d in dict.fromkeys([*workloads, *dns_names])]
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (list(workloads) or list(dns_names))[0])])
-        certificate = (
+        return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.root.subject)
-            .public_key(request.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(min(now + self._lifetime, self.root.not_valid_after_utc))
@@ -90,14 +110,6 @@ class Authority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        return certificate.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, workloads: Sequence[str], dns_names: Sequence[str] = ()) -> identity.Credentials:
-        """A fresh key and its certificate, for a workload the control plane serves itself (Envoy over SDS, its
-        own server)."""
-        key = identity.new_key()
-        request = x509.load_pem_x509_csr(identity.signing_request(key, list(workloads) or ["unnamed"]))
-        return identity.Credentials(identity.key_pem(key), self.sign(request, workloads, dns_names), self.trust_pem)
 
 
 _LEAF_EXTENDED_KEY_USAGE = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])

@@ -8,6 +8,7 @@ import logging
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.control_plane.authority import Authority
@@ -42,20 +43,21 @@ class CertificateAuthorityServicer(certificates_pb2_grpc.CertificateAuthoritySer
             csr = x509.load_pem_x509_csr(request.signing_request_pem.encode())
         except ValueError:
             raise invalid("signing_request_pem", "not a PEM PKCS#10 certificate signing request") from None
-        if not csr.is_signature_valid:
-            raise invalid("signing_request_pem", "its signature does not match its key")
         workloads = identity.workloads_in(csr)
         if not workloads:
             raise invalid("signing_request_pem", "names no workload (a spiffe://voiceassist/<service> URI SAN)")
         refused = sorted(set(workloads) - ISSUABLE)
         if refused:
             raise invalid("signing_request_pem", f"names workloads no process may be: {', '.join(refused)}")
-        chain = self._authority.sign(csr, workloads)
-        expires = x509.load_pem_x509_certificate(chain).not_valid_after_utc
+        try:
+            leaf = self._authority.sign(csr, workloads)
+        except ValueError as exc:
+            raise invalid("signing_request_pem", str(exc)) from None
+        expires = leaf.not_valid_after_utc
         log.info("certificate issued", extra={"workloads": workloads, "expires_at": expires.isoformat(),
                                               "peer": context.peer()})  # fmt: skip
         return certificates_pb2.IssueCertificateResponse(
-            certificate_chain_pem=chain.decode(),
+            certificate_chain_pem=leaf.public_bytes(serialization.Encoding.PEM).decode(),
             trust_bundle_pem=self._authority.trust_pem.decode(),
             expires_at=_timestamp(expires),
         )

@@ -267,13 +267,11 @@ class ControlPlane:
 def open_authority(core: CoreSettings, settings: ControlPlaneSettings) -> Authority:
     """The mesh's certificate authority (one per process: the server's own certificate and the one it issues come
     from the same root). StartupRefused when production lacks a passphrase or the join token is missing."""
-    passphrase = settings.ca_passphrase.get_secret_value()
-    if core.environment == "production" and not passphrase:
+    if core.environment == "production" and not settings.ca_passphrase.get_secret_value():
         raise StartupRefused("CONTROL_PLANE_CA_PASSPHRASE is required in production (it encrypts the mesh's root key)")
     if not core.mesh_join_token.get_secret_value():
         raise StartupRefused("MESH_TLS needs MESH_JOIN_TOKEN: the secret processes present to be issued certificates")
-    ttl = datetime.timedelta(seconds=settings.certificate_ttl_seconds)
-    return Authority.open(settings.ca_dir or core.data_dir / "mesh-ca", passphrase.encode(), ttl)
+    return Authority.configured(settings, settings.ca_dir or core.data_dir / "mesh-ca")
 
 
 def own_certificates(core: CoreSettings) -> WorkloadCertificates:

@@ -57,10 +57,6 @@ class WorkloadCertificates:
         """Call `listener` after every renewal."""
         self._listeners.append(listener)
 
-    async def renew(self) -> None:
-        """Replace the certificate now (the loop also does it on schedule)."""
-        self._install(await self._obtain())
-
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
         """Server credentials that present the current certificate at every new handshake and, with
         `require_client_auth`, accept only clients whose certificate chains to the mesh's roots."""
@@ -177,7 +173,20 @@ def enrolled(settings: CoreSettings, workloads: Sequence[str]) -> WorkloadCertif
     return WorkloadCertificates(functools.partial(issue, settings, workloads), workloads)
 
 
-def operator_credentials(settings: CoreSettings) -> identity.Credentials:
-    """A certificate for the `operator` workload (the launcher's health checks, tests, tools that call servers
-    directly): it passes mutual TLS, and grants nothing a user's token does not (internal methods need a service)."""
-    return asyncio.run(issue(settings, [identity.OPERATOR]))
+class OperatorCertificate:
+    """A certificate for the `operator` workload (the launcher's probes, tests, tools that call servers directly): it
+    passes mutual TLS and grants nothing a user's token does not (internal methods need a service). Issued on first
+    use and again when it is about to expire; for synchronous callers."""
+
+    RENEW_BEFORE = datetime.timedelta(minutes=10)
+
+    def __init__(self, settings: CoreSettings) -> None:
+        self._settings = settings
+        self._held: identity.Credentials | None = None
+
+    def __call__(self) -> identity.Credentials:
+        """The current certificate; CertificateUnavailable or grpc.RpcError while the authority cannot issue one."""
+        now = datetime.datetime.now(datetime.UTC)
+        if self._held is None or self._held.expires_at - now < self.RENEW_BEFORE:
+            self._held = asyncio.run(issue(self._settings, [identity.OPERATOR]))
+        return self._held

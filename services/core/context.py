@@ -73,12 +73,11 @@ def current_caller() -> Caller:
     return info.caller
 
 
-def calling_service() -> str:
-    """The service of ours that makes the current call, proven by its certificate ("" when it is not one: Envoy,
-    an outside client, or plaintext)."""
+def calling_services() -> frozenset[str]:
+    """The services of ours whose certificate makes the current call (empty when it is none: Envoy, an outside
+    client, or plaintext)."""
     info = _current.get()
-    services = sorted(info.workloads & registry.SERVICE_NAMES) if info else []
-    return services[0] if services else ""
+    return info.workloads & registry.SERVICE_NAMES if info else frozenset()
 
 
 def require_role(*roles: str) -> Caller:

@@ -8,7 +8,8 @@ and a peer's identity is read from the certificate it presented in the TLS hands
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -76,26 +77,7 @@ class Credentials:
     chain_pem: bytes
     trust_pem: bytes
 
-    @property
-    def certificate(self) -> x509.Certificate:
-        """The leaf certificate."""
-        return x509.load_pem_x509_certificate(self.chain_pem)
-
-    @property
+    @functools.cached_property
     def expires_at(self) -> datetime.datetime:
-        """When the leaf stops being valid (UTC)."""
-        return self.certificate.not_valid_after_utc
-
-    @property
-    def issued_at(self) -> datetime.datetime:
-        """When the leaf became valid (UTC)."""
-        return self.certificate.not_valid_before_utc
-
-
-def peer_workloads(auth_context: Mapping[str, Sequence[bytes]]) -> frozenset[str]:
-    """The workload names proven by the certificate a peer presented (empty: no certificate, i.e. plaintext or
-    server-authenticated TLS). gRPC has verified the chain against our roots before the call reaches us."""
-    pem = auth_context.get("x509_pem_cert")
-    if not pem:
-        return frozenset()
-    return frozenset(workloads_in(x509.load_pem_x509_certificate(pem[0])))
+        """When the leaf (the chain's first certificate) stops being valid (UTC)."""
+        return x509.load_pem_x509_certificate(self.chain_pem).not_valid_after_utc

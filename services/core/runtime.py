@@ -12,6 +12,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from services.core import registry
 from services.core.audit_client import AuditClient, AuditSink, QueueSink, RedisStreamSink
 from services.core.audit_rpc_sink import RpcSink
 from services.core.certificates import WorkloadCertificates
@@ -62,6 +63,13 @@ class Runtime:
             on_outage=self._audit_revocation_outage,
             cache_size=settings.token_cache_size,
         )
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Whether this process's server accepts only peers with a mesh certificate: every mesh server under
+        MESH_TLS but the control plane, whose callers bring the join token instead (they ask it for their first
+        certificate)."""
+        return self.certificates is not None and registry.CONTROL_PLANE.name not in self.hosted
 
     def address(self, service: str) -> str:
         """Where to call `service`: this process when it hosts it, else its configured address."""

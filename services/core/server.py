@@ -128,8 +128,7 @@ def new_server(runtime: Runtime) -> grpc.aio.Server:
                 trusted_proxies=runtime.settings.trusted_proxies,
                 domain_of=status.method_domain,
                 slow_call_seconds=runtime.settings.log_slow_call_seconds,
-                # The control plane's callers have no certificate (they are asking for one): the join token instead.
-                mutual_tls=runtime.certificates is not None and registry.CONTROL_PLANE.name not in runtime.hosted,
+                mutual_tls=runtime.mutual_tls,
                 join_token=runtime.settings.mesh_join_token.get_secret_value() if runtime.certificates else "",
             )
         ],
@@ -229,17 +228,15 @@ async def serve(
     identity_source: IdentitySource | None = None,
 ) -> None:
     """Host the given services until SIGTERM/SIGINT, then shut down gracefully. StartupRefused when it cannot
-    (PortInUse is checked before the services load, so it is reported within a second or two)."""
+    (PortInUse is checked before the services load, so it is reported within a second or two; under MESH_TLS after
+    the certificate is issued, which waits for the control plane)."""
     configure_logging(settings.log_level, service="+".join(factories))
     address = f"{settings.grpc_host}:{port}"
     certificates = await _workload_certificates(settings, factories, identity_source)
     runtime = Runtime(settings, factories, address, certificates=certificates)
     server = new_server(runtime)
-    # Services accept only peers with a mesh certificate; the control plane's callers authenticate with the join
-    # token instead (a process asks it for its first certificate before it has one).
-    mutual = registry.CONTROL_PLANE.name not in factories
-    _bind(server, address, certificates.server_credentials(require_client_auth=mutual) if certificates else None)
-    if certificates and mutual and settings.grpc_health_port:
+    _bind(server, address, certificates.server_credentials(runtime.mutual_tls) if certificates else None)
+    if runtime.mutual_tls and settings.grpc_health_port:
         _bind(server, f"{settings.grpc_host}:{settings.grpc_health_port}", None)  # health only: the interceptor
     if metrics_port is not None and settings.metrics_enabled:
         try:

@@ -71,7 +71,7 @@ def _run_mesh(lab: NetworkLab, cluster: Cluster, workdir: Path) -> Iterator[Mesh
         env[f"{spec.name.upper()}_ADDR"] = "ipv4:" + ",".join(f"{h}:{spec.port}" for h in hosts)
     _start(a, launcher.control_plane_args(CONTROL_PLANE_PORT, None), env, workdir, "control-plane")
     roots = when_written(cluster.trust_bundle, 60)
-    control_plane_tls = launcher.Tls(grpc.ssl_channel_credentials(roots), identity.CONTROL_PLANE)
+    control_plane_tls = launcher.Tls.verifying(roots, identity.CONTROL_PLANE)
     launcher.wait_healthy(f"{a.address}:{CONTROL_PLANE_PORT}", [registry.CONTROL_PLANE.grpc_service], 60,
                           tls=control_plane_tls)  # fmt: skip
     for host in (b, c):
@@ -85,7 +85,7 @@ def _run_mesh(lab: NetworkLab, cluster: Cluster, workdir: Path) -> Iterator[Mesh
     config.write_text(envoy_config.render(target))
     process = a.popen(launcher.envoy_args(config), env={}, log_path=workdir / "a-envoy.log")
     envoy = Envoy(ENVOY_PORT, ENVOY_ADMIN_PORT, process, workdir / "a-envoy.log", host=a.address, tls=True)
-    edge = launcher.Tls(grpc.ssl_channel_credentials(roots))
+    edge = launcher.Tls.verifying(roots)
     launcher.wait_healthy(envoy.address, [s.grpc_service for s in registry.SERVICES], timeout=240, tls=edge)
     with edge.channel(envoy.address) as channel:
         account = register_and_login(channel)

@@ -52,9 +52,8 @@ class System:
 
     def channel(self) -> grpc.Channel:
         """A gRPC channel to its Envoy (TLS verified against the mesh's root in mesh mode)."""
-        if self.roots is None:
-            return grpc.insecure_channel(self.envoy)
-        return grpc.secure_channel(self.envoy, grpc.ssl_channel_credentials(self.roots.read_bytes()))
+        tls = self.tls()
+        return tls.channel(self.envoy) if tls else grpc.insecure_channel(self.envoy)
 
     def jwks(self) -> dict:
         """GET /v1/auth/jwks through its Envoy."""
@@ -65,7 +64,7 @@ class System:
 
     def tls(self) -> launcher.Tls | None:
         """How to reach its Envoy for health checks."""
-        return launcher.Tls(grpc.ssl_channel_credentials(self.roots.read_bytes())) if self.roots else None
+        return launcher.Tls.verifying(self.roots.read_bytes()) if self.roots else None
 
     def text(self) -> str:
         """What it printed so far."""

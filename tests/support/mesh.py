@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import redis
 from services import launcher
 from services.control_plane import envoy_config
 from services.core import identity, registry
-from services.core.certificates import operator_credentials
+from services.core.certificates import OperatorCertificate
 from services.core.settings import CoreSettings
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -130,7 +129,7 @@ class Cluster:
     servers: list[Server] = field(default_factory=list)
     envoy: Envoy | None = None
     control_plane: Server | None = None
-    _operator: identity.Credentials | None = None
+    _operator: OperatorCertificate | None = None
 
     @classmethod
     def create(cls, workdir: Path, *, mesh: bool, tls: bool = False, **extra_env: str) -> Cluster:
@@ -193,18 +192,17 @@ class Cluster:
         return self.settings().trust_bundle_path
 
     def operator(self) -> identity.Credentials:
-        """A certificate for the operator workload (renewed when it is within 10 minutes of expiring)."""
-        if self._operator is None or self._operator.expires_at - datetime.now(UTC) < timedelta(minutes=10):
-            self._operator = operator_credentials(self.settings())
-        return self._operator
+        """A certificate for the operator workload, issued by this cluster's control plane."""
+        if self._operator is None:
+            self._operator = OperatorCertificate(self.settings())
+        return self._operator()
 
     def server_tls(self, server_name: str, credentials: identity.Credentials | None = None) -> launcher.Tls | None:
         """How to reach one of this cluster's servers (its certificate names `server_name`): mutual TLS with
         `credentials` (default: the operator's), or None in plaintext."""
         if not self.tls:
             return None
-        c = credentials or self.operator()
-        return launcher.Tls(grpc.ssl_channel_credentials(c.trust_pem, c.key_pem, c.chain_pem), server_name)
+        return launcher.Tls.presenting(credentials or self.operator(), server_name)
 
     def channel(self, server: Server, credentials: identity.Credentials | None = None) -> grpc.Channel:
         """A gRPC channel straight to `server` (mutual TLS in a TLS cluster)."""
@@ -227,7 +225,7 @@ class Cluster:
 
     def edge_tls(self) -> launcher.Tls | None:
         """How to reach Envoy's listener: HTTPS verified against the mesh's root, or None in plaintext."""
-        return launcher.Tls(grpc.ssl_channel_credentials(self.trust_bundle.read_bytes())) if self.tls else None
+        return launcher.Tls.verifying(self.trust_bundle.read_bytes()) if self.tls else None
 
     def wait_serving(self, server: Server, names: list[str], timeout: float = 180) -> None:
         """Wait until `server` reports every name SERVING; its log in the error when it does not."""
@@ -275,8 +273,7 @@ class Cluster:
         try:
             tls = None
             if self.tls:  # server-authenticated TLS, once the control plane has written its root
-                roots = when_written(self.trust_bundle, timeout=60)
-                tls = launcher.Tls(grpc.ssl_channel_credentials(roots), identity.CONTROL_PLANE)
+                tls = launcher.Tls.verifying(when_written(self.trust_bundle, timeout=60), identity.CONTROL_PLANE)
             launcher.wait_healthy(server.address, [registry.CONTROL_PLANE.grpc_service], timeout=60, tls=tls)
         except TimeoutError:
             raise RuntimeError(f"the control plane did not start:\n{server.log_text()[-4000:]}") from None
